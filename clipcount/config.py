@@ -1,0 +1,215 @@
+"""All configuration of clipcount in one place, as plain dataclasses.
+
+Every component reads its settings from one of these; nothing reads globals. Configs round-trip
+through JSON (`to_dict` / `from_dict`) so a checkpoint's config file rebuilds the exact model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# CLIP's image statistics (OpenAI's preprocessing); every CLIP we load was trained with them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    """A CLIP vision transformer (ViT)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    embed_dim: int = 512  # output of `proj`, the joint image-text space
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class TextConfig:
+    """A CLIP text transformer (causal)."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass
+class CLIPConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 512
+    # OpenAI's CLIP and most OpenCLIP "openai" models use x*sigmoid(1.702x); OpenCLIP's own use GELU.
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+
+    def __post_init__(self) -> None:
+        self.vision.embed_dim = self.embed_dim
+
+
+@dataclass
+class PromptConfig:
+    """Deep visual prompt tuning (VPT) in the frozen ViT and CoOp-style text context."""
+
+    visual_tokens: int = 20  # prompt tokens inserted after the class token
+    visual_layers: int = 10  # prompted layers (0 = no visual prompts; 1 = shallow VPT)
+    visual_dropout: float = 0.1
+    text_context_tokens: int = 2  # learnable tokens right after the start-of-text token
+
+
+@dataclass
+class InteractionConfig:
+    """Hierarchical patch-text interaction: block k runs at (grid * 2**k) resolution."""
+
+    scales: int = 2
+    width: int = 512
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass
+class DecoderConfig:
+    channels: tuple[int, ...] = (256, 128, 64, 32)
+    groups: int = 8
+    # The published code ends in a sigmoid, which caps density at 1 per pixel although a sigma-1
+    # Gaussian of mass 60 peaks near 9.5; our default is uncapped.
+    activation: Literal["relu", "softplus", "sigmoid", "identity"] = "relu"
+
+
+@dataclass
+class ClipCountConfig:
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    interaction: InteractionConfig = field(default_factory=InteractionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    window_size: int = 384  # the model sees square windows of this many pixels
+    density_scale: float = 60.0  # count = density.sum() / density_scale
+    # Resizing 384 -> 224 without antialiasing aliases fine texture; the published code did so.
+    antialias: bool = True
+    # Fine-tune CLIP's image tower too (an ablation; CLIP-Count keeps it frozen).
+    train_image_encoder: bool = False
+    # Reproduce the published code's behaviour (end-of-text index, prompt-layer indexing, text
+    # truncation, sigmoid output, unused parameters). Only for the converted published checkpoint.
+    compat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compat:
+            self.decoder.activation = "sigmoid"
+            self.antialias = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ClipCountConfig":
+        return _from_dict(cls, data)
+
+
+# ---- presets -----------------------------------------------------------------------------------
+
+def clip_config(name: str) -> CLIPConfig:
+    """CLIP architectures by their usual names (ViT-B/16 is CLIP-Count's backbone)."""
+    presets = {
+        "ViT-B/16": CLIPConfig(VisionConfig(patch_size=16, width=768, layers=12, heads=12), TextConfig(), 512),
+        "ViT-B/32": CLIPConfig(VisionConfig(patch_size=32, width=768, layers=12, heads=12), TextConfig(), 512),
+        "ViT-L/14": CLIPConfig(
+            VisionConfig(patch_size=14, width=1024, layers=24, heads=16),
+            TextConfig(width=768, layers=12, heads=12),
+            768,
+        ),
+    }
+    if name not in presets:
+        raise ValueError(f"unknown CLIP architecture {name!r}; choose one of {sorted(presets)}")
+    return presets[name]
+
+
+def tiny_config(compat: bool = False) -> ClipCountConfig:
+    """A few-thousand-parameter model with the full structure, for tests."""
+    clip = CLIPConfig(
+        VisionConfig(image_size=32, patch_size=8, width=32, layers=3, heads=2),
+        TextConfig(context_length=77, width=32, layers=2, heads=2),
+        embed_dim=16,
+    )
+    return ClipCountConfig(
+        clip=clip,
+        prompts=PromptConfig(visual_tokens=3, visual_layers=2, text_context_tokens=2),
+        interaction=InteractionConfig(scales=2, width=16, heads=2),
+        decoder=DecoderConfig(channels=(16, 8, 8, 8), groups=4),
+        window_size=64,
+        compat=compat,
+    )
+
+
+# ---- training and evaluation ------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Two-stage training; the defaults are the published recipe."""
+
+    contrastive_epochs: int = 20
+    density_epochs: int = 180
+    batch_size: int = 32
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    lr_decay: float = 0.33  # multiply the learning rate by this ...
+    lr_decay_every: int = 100  # ... every this many epochs
+    contrastive_weight: float = 1.0
+    contrastive_temperature: float = 0.07
+    density_sigma: float = 1.0
+    mosaic_prob: float = 0.3
+    augment_prob: float = 0.2
+    num_workers: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    checkpoint_every: int = 500  # steps
+    log_every: int = 10
+    seed: int = 0
+    max_steps: int | None = None  # stop early (smoke runs)
+
+
+@dataclass
+class EvalConfig:
+    window_stride: int = 128
+    image_height: int = 384
+    batch_windows: int = 64  # windows per forward pass
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild nested dataclasses from `asdict` output; unknown keys are an error, not a silent drop."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} settings: {sorted(unknown)}")
+    kwargs = {}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        sub = _NESTED.get((cls.__name__, key))
+        if sub is not None and isinstance(value, dict):
+            kwargs[key] = _from_dict(sub, value)
+        elif isinstance(value, list) and "tuple" in str(hints[key]):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    ("CLIPConfig", "vision"): VisionConfig,
+    ("CLIPConfig", "text"): TextConfig,
+    ("ClipCountConfig", "clip"): CLIPConfig,
+    ("ClipCountConfig", "prompts"): PromptConfig,
+    ("ClipCountConfig", "interaction"): InteractionConfig,
+    ("ClipCountConfig", "decoder"): DecoderConfig,
+}
