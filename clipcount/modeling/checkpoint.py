@@ -1,0 +1,94 @@
+"""clipcount checkpoints: `model.safetensors` + `config.json` in one folder (the Hugging Face layout).
+
+Loading is strict (every key present, every shape right) and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from clipcount.config import ClipCountConfig
+from clipcount.errors import CheckpointError
+from clipcount.modeling.clip_count import ClipCount
+from clipcount.modeling.weights import load_state_strict
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def save_model(model: ClipCount, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write weights and config atomically: a reader never sees a half-written checkpoint."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = {"clipcount": model.config.to_dict(), **(extra or {})}
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        Path(tmp, CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        os.replace(os.path.join(tmp, WEIGHTS_NAME), folder / WEIGHTS_NAME)
+        os.replace(os.path.join(tmp, CONFIG_NAME), folder / CONFIG_NAME)
+    return folder
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """A clipcount checkpoint folder, its weights file, or a Hugging Face hub id (downloaded)."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.name in (WEIGHTS_NAME, CONFIG_NAME):
+        path = path.parent
+    if path.is_dir():
+        if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
+            raise CheckpointError(
+                f"{path} is not a clipcount checkpoint (needs {WEIGHTS_NAME} and {CONFIG_NAME}); "
+                "convert the published checkpoint with `clipcount convert-official`"
+            )
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is not a clipcount checkpoint; give its folder (with {WEIGHTS_NAME} and {CONFIG_NAME})")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        return _download(str(source))
+    raise CheckpointError(f"checkpoint {source!r} not found: give a folder, or a hub id like user/model")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        weights = hf_hub_download(repo_id, WEIGHTS_NAME)
+        hf_hub_download(repo_id, CONFIG_NAME)
+    except Exception as error:  # noqa: BLE001 - hub errors vary by version
+        raise CheckpointError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(error).__name__}); "
+            "check the id and your network, or pass a local folder"
+        ) from None
+    return Path(weights).parent
+
+
+def read_config(folder: Path) -> tuple[ClipCountConfig, dict]:
+    try:
+        data = json.loads((folder / CONFIG_NAME).read_text())
+        return ClipCountConfig.from_dict(data["clipcount"]), data
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{folder / CONFIG_NAME} is not a clipcount config ({error})") from None
+
+
+def load_model(source: str | os.PathLike, map_location: str | torch.device = "cpu") -> ClipCount:
+    """Build the model its config describes and fill it strictly from its safetensors weights."""
+    from safetensors.torch import load_file
+
+    folder = resolve_checkpoint(source)
+    config, _ = read_config(folder)
+    model = ClipCount(config)
+    try:
+        state = load_file(str(folder / WEIGHTS_NAME), device=str(map_location))
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types
+        raise CheckpointError(f"{folder / WEIGHTS_NAME} is not a readable safetensors file ({error})") from None
+    load_state_strict(model, state, str(folder / WEIGHTS_NAME))
+    return model.eval()

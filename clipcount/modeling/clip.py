@@ -1,0 +1,177 @@
+"""CLIP image and text encoders (Radford et al. 2021), written for clipcount.
+
+Parameter names follow OpenAI's layout (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`,
+...) so that OpenAI and OpenCLIP weights load by name and the published CLIP-Count checkpoint maps
+one-to-one; `weights.py` renames the Hugging Face layout into this one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipcount.config import CLIPConfig, TextConfig, VisionConfig
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"unknown activation {name!r}; use 'quick_gelu' or 'gelu'")
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Self-attention with the packed `in_proj_weight` layout of `nn.MultiheadAttention`."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        # x: (B, L, C)
+        batch, length, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, activation: str):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = make_activation(activation)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str, eps: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = MultiheadSelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, int(width * mlp_ratio), activation)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str, eps: float):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, mlp_ratio, activation, eps) for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, causal=causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's ViT. `embed` and `resblocks` are public so visual prompts can run it layer by layer."""
+
+    def __init__(self, cfg: VisionConfig, activation: str):
+        super().__init__()
+        self.cfg = cfg
+        width, grid = cfg.width, cfg.grid_size
+        scale = width**-0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, cfg.layer_norm_eps)
+        self.ln_post = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
+        self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+
+    @property
+    def resblocks(self) -> nn.ModuleList:
+        return self.transformer.resblocks
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, S, S) -> tokens (B, 1 + N, width) with class token and positions."""
+        patches = self.conv1(images)  # (B, C, g, g)
+        grid = patches.shape[-2:]
+        patches = patches.flatten(2).transpose(1, 2)  # (B, N, C)
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        tokens = torch.cat([cls, patches], dim=1)
+        return tokens + self._positions(grid).to(tokens.dtype)
+
+    def _positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Positional embedding, interpolated (bicubic) when the patch grid differs from training."""
+        pos = self.positional_embedding
+        trained = int(math.isqrt(pos.shape[0] - 1))
+        if tuple(grid) == (trained, trained):
+            return pos
+        table = pos[1:].reshape(1, trained, trained, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=tuple(grid), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:1], table.flatten(2).squeeze(0).t()], dim=0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, S, S) -> CLIP image embeddings (B, embed_dim)."""
+        x = self.transformer(self.ln_pre(self.embed(images)))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class CLIP(nn.Module):
+    """The two CLIP towers. Text attributes sit at the top level, as in OpenAI's layout."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        text: TextConfig = cfg.text
+        self.visual = VisionTransformer(cfg.vision, cfg.activation)
+        self.token_embedding = nn.Embedding(text.vocab_size, text.width)
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(text.context_length, text.width))
+        self.transformer = Transformer(
+            text.width, text.layers, text.heads, text.mlp_ratio, cfg.activation, text.layer_norm_eps
+        )
+        self.ln_final = nn.LayerNorm(text.width, eps=text.layer_norm_eps)
+        self.text_projection = nn.Parameter(text.width**-0.5 * torch.randn(text.width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, S, S) -> (B, embed_dim), not L2-normalised."""
+        return self.visual(images)
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> (B, embed_dim), read at the end-of-text token (the largest id)."""
+        return self.text_features(self.token_embedding(token_ids), token_ids.argmax(dim=-1))
+
+    def text_features(self, token_embeddings: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, L, width) -> (B, embed_dim), pooled at `eot_index` (B,)."""
+        length = token_embeddings.shape[1]
+        x = token_embeddings + self.positional_embedding[:length].to(token_embeddings.dtype)
+        x = self.ln_final(self.transformer(x, causal=True))
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        return pooled @ self.text_projection
+
+    def forward(self, images: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contrastive logits (B_img, B_txt) and their transpose, as in CLIP pretraining."""
+        image = F.normalize(self.encode_image(images), dim=-1)
+        text = F.normalize(self.encode_text(token_ids), dim=-1)
+        logits = self.logit_scale.exp() * image @ text.t()
+        return logits, logits.t()

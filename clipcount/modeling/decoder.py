@@ -1,0 +1,61 @@
+"""CNN density decoder: interaction maps (coarse to fine) -> one density map at window resolution.
+
+Stage k: [add lateral(map k) when there is a map at this resolution] -> conv3x3 + GroupNorm + GELU ->
+x2 bilinear (all but the last stage). The last stage is resized to the window size, then a 1x1
+convolution and the output activation give non-negative density.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipcount.config import DecoderConfig
+
+
+def _conv_norm_act(in_ch: int, out_ch: int, kernel: int, groups: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel_size=kernel, padding=kernel // 2),
+        nn.GroupNorm(groups, out_ch),
+        nn.GELU(),
+    )
+
+
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "softplus": F.softplus,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda x: x,
+}
+
+
+class DensityDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, in_channels: int, scales: int):
+        super().__init__()
+        channels = tuple(cfg.channels)
+        if scales > len(channels):
+            raise ValueError(f"{scales} interaction scales need at least {scales} decoder stages")
+        self.activation = cfg.activation
+        inputs = (in_channels,) + channels[:-1]
+        self.convs = nn.ModuleList(
+            _conv_norm_act(i, o, 3, cfg.groups) for i, o in zip(inputs, channels)
+        )
+        # lateral k adds interaction map k (k >= 1) at the input of stage k
+        self.laterals = nn.ModuleList(
+            _conv_norm_act(in_channels, channels[k - 1], 1, cfg.groups) for k in range(1, scales)
+        )
+        self.final_conv = nn.Sequential(nn.Conv2d(channels[-1], 1, kernel_size=1))
+
+    def forward(self, maps: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
+        """maps[k]: (B, C, h * 2**k, w * 2**k) -> density (B, 1, *out_size)."""
+        x = maps[0]
+        last = len(self.convs) - 1
+        for stage, conv in enumerate(self.convs):
+            if 1 <= stage < len(maps):
+                x = x + self.laterals[stage - 1](maps[stage])
+            x = conv(x)
+            if stage < last:
+                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+        return _ACTIVATIONS[self.activation](self.final_conv(x))

@@ -1,0 +1,120 @@
+"""Hierarchical patch-text interaction: self-attention over patches, cross-attention to the text, MLP.
+
+Block 0 runs on the ViT's patch grid (14x14 for ViT-B/16); every further block first refines the map
+with a 3x3 convolution, doubles its resolution (28x28, 56x56, ...) and then runs the same three
+sub-layers. Each block's output is kept as a map for the decoder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipcount.config import InteractionConfig
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, length, width = x.shape
+    return x.view(batch, length, heads, width // heads).transpose(1, 2)  # (B, h, L, d)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, C)
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(_merge_heads(out))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.wq = nn.Linear(width, width)
+        self.wk = nn.Linear(width, width)
+        self.wv = nn.Linear(width, width)
+        self.proj = nn.Linear(width, width)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, C) queries; context: (B, T, C) keys and values
+        q = _split_heads(self.wq(x), self.heads)
+        k = _split_heads(self.wk(context), self.heads)
+        v = _split_heads(self.wv(context), self.heads)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(_merge_heads(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class InteractionBlock(nn.Module):
+    """One scale of patch-text interaction; `upsample` blocks refine and double the map first."""
+
+    def __init__(self, cfg: InteractionConfig, upsample: bool, has_conv: bool):
+        super().__init__()
+        width = cfg.width
+        self.upsample = upsample
+        self.norm0 = nn.LayerNorm(width)
+        if has_conv:  # block 0 of the published model owns an unused conv0
+            self.conv0 = nn.Conv2d(width, width, kernel_size=3, padding=1)
+        self.selfattn = SelfAttention(width, cfg.heads, cfg.dropout)
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = CrossAttention(width, cfg.heads, cfg.dropout)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = FeedForward(width, int(width * cfg.mlp_ratio))
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], text: torch.Tensor):
+        """x (B, N, C) on `grid`, text (B, T, C) -> (x (B, N', C), grid')."""
+        if self.upsample:
+            x, grid = self._refine_and_upsample(x, grid)
+        x = x + self.selfattn(self.norm0(x))
+        x = x + self.attn(self.norm1(x), text)
+        x = x + self.mlp(self.norm2(x))
+        return x, grid
+
+    def _refine_and_upsample(self, x: torch.Tensor, grid: tuple[int, int]):
+        height, width = grid
+        fmap = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)  # (B, C, h, w)
+        fmap = fmap + F.gelu(self.conv0(fmap))
+        fmap = F.interpolate(fmap, scale_factor=2, mode="bilinear", align_corners=False)
+        return fmap.flatten(2).transpose(1, 2), (2 * height, 2 * width)
+
+
+class HierarchicalInteraction(nn.Module):
+    def __init__(self, cfg: InteractionConfig, compat: bool = False):
+        super().__init__()
+        if cfg.scales < 1:
+            raise ValueError(f"interaction needs at least one scale, got {cfg.scales}")
+        self.fim_blocks = nn.ModuleList(
+            InteractionBlock(cfg, upsample=i > 0, has_conv=i > 0 or compat) for i in range(cfg.scales)
+        )
+
+    def forward(self, patches: torch.Tensor, grid: tuple[int, int], text: torch.Tensor) -> list[torch.Tensor]:
+        """patches (B, N, C) on `grid`, text (B, T, C) -> one map per scale, (B, C, h * 2**k, w * 2**k)."""
+        maps, x = [], patches
+        for block in self.fim_blocks:
+            x, grid = block(x, grid, text)
+            maps.append(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid))
+        return maps
