@@ -156,6 +156,13 @@ def to_openai_layout(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 def infer_clip_config(state: Mapping[str, torch.Tensor], activation: str = "quick_gelu") -> CLIPConfig:
     """Architecture from tensor shapes (OpenAI layout). Heads are width / 64, as in every released CLIP."""
+    try:
+        return _infer_clip_config(state, activation)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"cannot read the CLIP architecture from these weights: missing {error}") from None
+
+
+def _infer_clip_config(state: Mapping[str, torch.Tensor], activation: str) -> CLIPConfig:
     conv = state["visual.conv1.weight"]
     vision_width, patch = conv.shape[0], conv.shape[-1]
     grid = int(round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5))
@@ -248,19 +255,28 @@ def resolve_clip_source(source: str | os.PathLike) -> Path:
     raise CheckpointError(f"CLIP weights {source!r} not found: give a file, a folder or a hub id like openai/clip-vit-base-patch16")
 
 
-def read_clip_weights(source: str | os.PathLike, config: CLIPConfig | None = None) -> tuple[StateDict, CLIPConfig]:
-    """Weights (OpenAI layout) and architecture from any supported source."""
+def read_clip_weights(
+    source: str | os.PathLike, config: CLIPConfig | None = None, activation: str | None = None
+) -> tuple[StateDict, CLIPConfig]:
+    """Weights (OpenAI layout) and architecture from any supported source.
+
+    The MLP activation cannot be read from weights: Hugging Face folders name it in config.json;
+    otherwise it is QuickGELU (OpenAI's, and OpenCLIP's `-quickgelu` models) unless `activation`
+    says "gelu" (OpenCLIP's own pretrained models, e.g. the LAION ones).
+    """
     path = resolve_clip_source(source)
     hf_config = None
     if path.is_dir():
         path, hf_config = _huggingface_folder(path)
     state = unwrap_state_dict(read_tensor_file(path), path)
-    layout = detect_layout(state)
     state = to_openai_layout(state)
     if config is None:
-        config = clip_config_from_huggingface(hf_config) if hf_config else infer_clip_config(
-            state, activation="quick_gelu" if layout != "openclip" else "gelu"
-        )
+        if hf_config:
+            config = clip_config_from_huggingface(hf_config)
+        else:
+            config = infer_clip_config(state, activation=activation or "quick_gelu")
+    if activation is not None:
+        config.activation = activation
     return state, config
 
 
@@ -273,9 +289,9 @@ def _huggingface_folder(folder: Path) -> tuple[Path, dict | None]:
     raise CheckpointError(f"{folder} has no model.safetensors or pytorch_model.bin; is it a CLIPModel folder?")
 
 
-def load_clip(source: str | os.PathLike, config: CLIPConfig | None = None) -> CLIP:
+def load_clip(source: str | os.PathLike, config: CLIPConfig | None = None, activation: str | None = None) -> CLIP:
     """Build a CLIP and fill it from `source` (file, folder or hub id)."""
-    state, config = read_clip_weights(source, config)
+    state, config = read_clip_weights(source, config, activation)
     model = CLIP(config)
     load_state_strict(model, state, str(source))
     return model.eval()

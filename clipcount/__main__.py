@@ -1,0 +1,5 @@
+import sys
+
+from clipcount.cli import main
+
+sys.exit(main())

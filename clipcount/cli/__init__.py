@@ -1,0 +1,50 @@
+"""The `clipcount` command: a thin dispatcher; each sub-command lives in its own module with a
+`register(subparsers)` function that adds its parser and sets `func(args) -> int` (the exit code)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from clipcount.errors import ClipCountError
+
+# sub-command modules, in the order `clipcount --help` lists them
+COMMANDS = ("count", "serve", "train", "evaluate", "convert", "synthetic", "experiments")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from clipcount import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="clipcount",
+        description="Text-guided zero-shot object counting (CLIP-Count).",
+        epilog="Run `clipcount COMMAND --help` for a command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"clipcount {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"clipcount.cli.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"clipcount.cli.{name}":
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ClipCountError as error:
+        print(f"clipcount: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipcount: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
