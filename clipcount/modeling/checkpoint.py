@@ -85,10 +85,13 @@ def load_model(source: str | os.PathLike, map_location: str | torch.device = "cp
 
     folder = resolve_checkpoint(source)
     config, _ = read_config(folder)
-    model = ClipCount(config)
+    with torch.device("meta"):  # no random initialisation of weights that are overwritten next
+        model = ClipCount(config)
     try:
         state = load_file(str(folder / WEIGHTS_NAME), device=str(map_location))
     except Exception as error:  # noqa: BLE001 - safetensors raises several types
         raise CheckpointError(f"{folder / WEIGHTS_NAME} is not a readable safetensors file ({error})") from None
-    load_state_strict(model, state, str(folder / WEIGHTS_NAME))
+    load_state_strict(model, state, str(folder / WEIGHTS_NAME), assign=True)
+    model.set_constant_buffers(map_location)
+    model.freeze_clip()
     return model.eval()

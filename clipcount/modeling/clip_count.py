@@ -58,10 +58,16 @@ class ClipCount(nn.Module):
         if config.compat:  # present in the published checkpoint, unused in its forward pass
             self.unused = nn.ModuleDict({"decoder_norm": nn.LayerNorm(width), "decoder_ln_pre": nn.LayerNorm(width)})
             self.unused.requires_grad_(False)
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.set_constant_buffers()
         self.tokenizer = ClipTokenizer()
         self.freeze_clip()
+
+    def set_constant_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the buffers no checkpoint stores, e.g. after building on the meta device."""
+        if device is None:
+            device = self.patch_pos_embed.device if self.patch_pos_embed.device.type != "meta" else "cpu"
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1), persistent=False)
 
     # ---- training set-up ----------------------------------------------------------------------
 

@@ -220,7 +220,8 @@ def clip_config_from_huggingface(config: Mapping) -> CLIPConfig:
 
 # ---- loading ------------------------------------------------------------------------------------
 
-def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                      assign: bool = False) -> None:
     """Copy `state` into `module`; any missing, unexpected or mis-shaped key is an error naming it."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
@@ -234,7 +235,8 @@ def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor]
             raise CheckpointError(
                 f"{source}: weight {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
             )
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    # assign=True adopts the tensors themselves (for modules built on the meta device)
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True, assign=assign)
 
 
 def resolve_clip_source(source: str | os.PathLike) -> Path:
