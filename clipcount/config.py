@@ -84,8 +84,9 @@ class DecoderConfig:
     channels: tuple[int, ...] = (256, 128, 64, 32)
     groups: int = 8
     # The published code ends in a sigmoid, which caps density at 1 per pixel although a sigma-1
-    # Gaussian of mass 60 peaks near 9.5; our default is uncapped.
-    activation: Literal["relu", "softplus", "sigmoid", "identity"] = "relu"
+    # Gaussian of mass 60 peaks near 9.5; our default is uncapped. Not ReLU: under MSE on mostly-zero
+    # targets a ReLU output dies within the first few steps (measured on tiny and ViT-B/16 models).
+    activation: Literal["relu", "softplus", "sigmoid", "identity"] = "softplus"
 
 
 @dataclass
@@ -166,7 +167,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     lr_decay: float = 0.33  # multiply the learning rate by this ...
     lr_decay_every: int = 100  # ... every this many epochs
-    contrastive_weight: float = 1.0
+    contrastive_weight: float = 1.0  # weight of the contrastive loss in the contrastive stage
+    contrastive_weight_stage2: float = 0.0  # ... and beside the density loss afterwards (published: 0)
     contrastive_temperature: float = 0.07
     density_sigma: float = 1.0
     mosaic_prob: float = 0.3

@@ -1,0 +1,542 @@
+"""Two-stage training of CLIP-Count, resumable exactly, on one or many processes.
+
+Stage 1 (epochs [0, contrastive_epochs)): only the patch-text contrastive loss, which aligns the
+prompted image tower's patches with the text before the density head exists in the loop. Stage 2
+(the remaining density_epochs): the density MSE (plus, optionally, the contrastive loss with
+weight `contrastive_weight_stage2`, 0 by default as published). One AdamW over the trainable
+parameters for the whole run; parameters a stage does not use get no gradient and are not
+touched (AdamW skips them, weight decay included). The learning rate is multiplied by `lr_decay`
+every `lr_decay_every` epochs.
+
+Output folder:
+    last/      model.safetensors + config.json + trainer_state.{safetensors,json}, every
+               `checkpoint_every` steps and at the end; swapped in whole, never half-written
+    final/     the model at the end of the call (same layout, no trainer state)
+    metrics.jsonl   one JSON line every `log_every` steps
+    tensorboard/    when torch.utils.tensorboard imports
+
+Exact resume: the data order of an epoch is a function of (seed, epoch) and each sample's
+augmentation of (seed, epoch, index), so a resumed run replays the same epoch, skips the batches
+already done, and restores the optimizer, scheduler and every RNG (torch CPU/CUDA, numpy, python)
+as they were at the checkpoint. On CPU with the same number of threads the weights come out
+bit-identical to an uninterrupted run.
+
+Published facts this follows (reference notes; songrise/CLIP-Count run.py): AdamW lr 1e-4, betas
+(0.9, 0.95), weight decay 0.05, StepLR(100 epochs, x0.33) stepped per epoch, contrastive loss
+replacing the density loss in the first epochs. (Their Lightning run trains epochs + 20 = 220 epochs
+and tests `epoch <= 20`, so 21 contrastive epochs; our config says 20 + 180.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clipcount.config import TrainConfig
+from clipcount.engine.distributed import (
+    DistContext,
+    barrier,
+    current_context,
+    device_for,
+    env_context,
+    gather_objects,
+    init_from_env,
+    mean_across,
+)
+from clipcount.engine.losses import density_mse_loss, patch_text_contrastive_loss
+from clipcount.engine.trainer_state import load_trainer_state, save_trainer_state
+from clipcount.errors import CheckpointError, ClipCountError, ConfigError
+from clipcount.modeling.checkpoint import WEIGHTS_NAME, save_model
+from clipcount.modeling.clip_count import ClipCount
+
+# Proposed TrainConfig field; a local default until it exists there (0 = the published recipe).
+
+LAST, FINAL = "last", "final"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(ClipCountError, RuntimeError):
+    """Training cannot go on (the loss became NaN or infinite)."""
+
+
+@dataclass
+class Position:
+    """How far training has come: optimizer steps in all, and batches done in the current epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int  # global optimizer steps done
+    epoch: int  # the epoch training would continue in
+    finished: bool  # every epoch done (False when max_steps stopped it)
+    losses: list[float] = field(default_factory=list)  # this process's loss at each step of this call
+    last_checkpoint: Path | None = None
+    final_checkpoint: Path | None = None
+    seconds: float = 0.0
+
+
+class TrainingObjective(nn.Module):
+    """The model and both losses in one `forward`, so DistributedDataParallel sees every use.
+
+    forward(images (B, 3, S, S) in [0, 1], density (B, 1, S, S), prompts (B strings),
+    contrastive_weight, density_weight) -> (total, contrastive, density) scalars (fp32). A loss
+    with weight 0 is not computed, so stage 1 never runs the interaction or decoder.
+    """
+
+    def __init__(self, model: ClipCount, temperature: float, autocast_dtype: torch.dtype | None):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+        self.autocast_dtype = autocast_dtype
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        density: torch.Tensor,
+        prompts: Sequence[str],
+        contrastive_weight: float,
+        density_weight: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model = self.model
+        zero = torch.zeros((), device=images.device)
+        contrastive, mse = zero, zero
+        with self._autocast(images.device):
+            tokens = model.encode_image(images)  # (B, N, Cv)
+            text = model.encode_text(list(prompts))  # (B, 1, E)
+            feats = model.contrastive_features(tokens) if contrastive_weight else None  # (B, N, E)
+            pred = model.density_from_features(tokens, text, images.shape[-2:]) if density_weight else None
+        total = zero
+        if feats is not None:
+            grid = int(math.isqrt(tokens.shape[1]))
+            contrastive = patch_text_contrastive_loss(
+                feats, text, density, (grid, grid), self.temperature, pool=model.config.clip.vision.patch_size
+            )
+            total = total + contrastive_weight * contrastive
+        if pred is not None:
+            mse = density_mse_loss(pred, density)
+            total = total + density_weight * mse
+        return total, contrastive.detach(), mse.detach()
+
+
+# ---- the training loop --------------------------------------------------------------------------
+
+def train(
+    model: ClipCount,
+    dataset: torch.utils.data.Dataset,
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    distributed: DistContext | bool | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` on `dataset` (a TrainingDataset: items dict(image, density, prompt, ...)).
+
+    `resume=True` continues from out_dir/last if it exists (else starts fresh, saying so); without
+    it, a folder that already holds a run is refused rather than overwritten. Seeds torch, numpy
+    and random with cfg.seed + rank (dropout and anything else drawn from the global RNGs).
+    `distributed`: None joins the process group torchrun describes (if any), False forces one
+    process, a DistContext uses an initialised group. `cfg.batch_size` is the global batch; each of
+    W processes takes batch_size / W.
+    """
+    started = time.time()
+    ctx = _resolve_context(distributed)
+    device = device_for(ctx, device)
+    out_dir = Path(out_dir)
+    total_epochs = cfg.contrastive_epochs + cfg.density_epochs
+    local_batch = _local_batch(cfg.batch_size, ctx.world_size)
+    if len(dataset) == 0:
+        raise ConfigError("the training dataset is empty; check the dataset root and split")
+    if not resume and find_checkpoint(out_dir, LAST) is not None:
+        raise ConfigError(f"{out_dir} already holds a training run; resume it (--resume) or choose another output folder")
+    barrier(ctx)  # every process has looked before rank 0 writes anything
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    _seed_everything(cfg.seed + ctx.rank)
+    model.to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, cfg.lr_decay_every), gamma=cfg.lr_decay)
+    pos = Position()
+    if resume:
+        pos = _resume(out_dir, model, optimizer, scheduler, cfg, ctx, device, progress)
+    objective = TrainingObjective(model, cfg.contrastive_temperature, _autocast_dtype(cfg.precision, device))
+    runner: nn.Module = objective
+    if ctx.enabled:
+        runner = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,  # stage 1 leaves the decoder unused, stage 2 the contrastive head
+        )
+
+    logger = _MetricsLogger(out_dir, ctx, keep_until=pos.step if resume else None, tensorboard=True)
+    result = TrainResult(out_dir=out_dir, step=pos.step, epoch=pos.epoch, finished=False)
+    batches_per_epoch = math.ceil(_sampler(dataset, cfg, ctx, 0).num_samples / local_batch)
+    bar = _progress_bar(progress and ctx.is_main, pos, cfg, total_epochs, batches_per_epoch)
+    last_saved = -1
+    try:
+        while pos.epoch < total_epochs and not _reached(pos, cfg):
+            stage = "contrastive" if pos.epoch < cfg.contrastive_epochs else "density"
+            weights = _stage_weights(stage, cfg)
+            loader = _epoch_loader(dataset, cfg, ctx, pos, local_batch, device)
+            for batch in loader:
+                total, contrastive, mse = _train_step(runner, optimizer, batch, weights, device, pos)
+                result.losses.append(total)
+                pos.step += 1
+                pos.batch += 1
+                lr = optimizer.param_groups[0]["lr"]
+                if pos.batch == batches_per_epoch:
+                    pos.epoch, pos.batch = pos.epoch + 1, 0
+                    scheduler.step()
+                logger.step(pos, stage, total, contrastive, mse, lr, cfg.log_every, device)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(stage=stage, epoch=pos.epoch, loss=f"{total:.4g}", lr=f"{lr:.2g}")
+                if cfg.checkpoint_every > 0 and pos.step % cfg.checkpoint_every == 0:
+                    result.last_checkpoint = save_checkpoint(out_dir, LAST, model, optimizer, scheduler, pos, cfg, ctx)
+                    last_saved = pos.step
+                if _reached(pos, cfg):
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    if last_saved != pos.step:
+        result.last_checkpoint = save_checkpoint(out_dir, LAST, model, optimizer, scheduler, pos, cfg, ctx)
+    result.final_checkpoint = save_checkpoint(out_dir, FINAL, model, None, None, pos, cfg, ctx)
+    result.step, result.epoch = pos.step, pos.epoch
+    result.finished = pos.epoch >= total_epochs
+    result.seconds = time.time() - started
+    return result
+
+
+def _train_step(runner: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any],
+                weights: tuple[float, float], device: torch.device, pos: Position) -> tuple[float, float, float]:
+    images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
+    density = batch["density"].to(device, non_blocking=True)  # (B, 1, S, S)
+    optimizer.zero_grad(set_to_none=True)  # unused parameters keep grad None, so AdamW skips them
+    total, contrastive, mse = runner(images, density, batch["prompt"], *weights)
+    if not torch.isfinite(total):
+        raise TrainingError(
+            f"the training loss became {total.item()} at step {pos.step + 1} (epoch {pos.epoch}); lower the "
+            "learning rate or use precision fp32, and resume from the last checkpoint"
+        )
+    total.backward()
+    optimizer.step()
+    return float(total.item()), float(contrastive.item()), float(mse.item())
+
+
+def _stage_weights(stage: str, cfg: TrainConfig) -> tuple[float, float]:
+    """(contrastive weight, density weight) of a stage."""
+    if stage == "contrastive":
+        return float(cfg.contrastive_weight), 0.0
+    return float(cfg.contrastive_weight_stage2), 1.0
+
+
+def _reached(pos: Position, cfg: TrainConfig) -> bool:
+    return cfg.max_steps is not None and pos.step >= cfg.max_steps
+
+
+def _local_batch(batch_size: int, world_size: int) -> int:
+    if batch_size < 1 or batch_size % world_size:
+        raise ConfigError(
+            f"batch size {batch_size} must be a positive multiple of the {world_size} training processes "
+            "(it is the global batch, split evenly between them)"
+        )
+    return batch_size // world_size
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA under "auto"; fp32 on CPU unless bf16 is asked for."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    raise ConfigError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+
+
+def _resolve_context(distributed: DistContext | bool | None) -> DistContext:
+    if isinstance(distributed, DistContext):
+        return distributed
+    if distributed is False:
+        return DistContext()
+    current = current_context()
+    if current.enabled:
+        return current
+    if env_context().enabled:
+        return init_from_env()
+    return DistContext()
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def _sampler(dataset, cfg: TrainConfig, ctx: DistContext, epoch: int):
+    """The epoch's shuffled indices for this process: a function of (seed, epoch, rank) only."""
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=False
+    )
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+def _epoch_loader(dataset, cfg: TrainConfig, ctx: DistContext, pos: Position, local_batch: int,
+                  device: torch.device) -> torch.utils.data.DataLoader:
+    """The rest of epoch `pos.epoch`: its batches after the first `pos.batch`, in the same order."""
+    from clipcount.data import collate
+
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(pos.epoch)  # before the workers copy the dataset
+    indices = list(_sampler(dataset, cfg, ctx, pos.epoch))[pos.batch * local_batch:]
+    # Our own generator: the DataLoader draws its worker base seed from it instead of from the
+    # global RNG, which would otherwise shift the dropout stream differently in a resumed run.
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + pos.epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=local_batch, sampler=indices, num_workers=cfg.num_workers, collate_fn=collate,
+        worker_init_fn=seed_worker, generator=generator, drop_last=False, pin_memory=device.type == "cuda",
+    )
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in a DataLoader worker from its torch seed (distinct per worker)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ---- RNG ----------------------------------------------------------------------------------------
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU and CUDA, numpy, python)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state[0], numpy_state[1].astype(np.uint32), *numpy_state[2:]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def save_checkpoint(out_dir: Path, name: str, model: ClipCount, optimizer, scheduler, pos: Position,
+                    cfg: TrainConfig, ctx: DistContext) -> Path:
+    """Write out_dir/<name> whole: into a temporary folder, then renamed into place.
+
+    Every process must call it (the RNG states of all ranks are gathered); rank 0 writes.
+    With an optimizer the trainer state is written too (for resuming).
+    """
+    rngs = gather_objects(ctx, rng_state()) if optimizer is not None else None
+    target = out_dir / name
+    if ctx.is_main:
+        tmp = out_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        extra = {"training": {"step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch,
+                              "train_config": _config_dict(cfg), "world_size": ctx.world_size}}
+        save_model(model, tmp, extra=extra)
+        if optimizer is not None:
+            state = {
+                "position": asdict(pos),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rngs,
+                "train_config": _config_dict(cfg),
+                "world_size": ctx.world_size,
+            }
+            save_trainer_state(tmp, state)
+        swap_in(tmp, target)
+    barrier(ctx)
+    return target
+
+
+def swap_in(tmp: Path, target: Path) -> None:
+    """Replace folder `target` by `tmp` with renames only; a kill at any point leaves a whole one.
+
+    The old folder is moved aside to `.<name>.old` first; if a kill falls between the two renames,
+    `find_checkpoint` picks that one up.
+    """
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out_dir: Path, name: str = LAST) -> Path | None:
+    """out_dir/<name>, or the previous one left aside by an interrupted swap; None if neither."""
+    for folder in (out_dir / name, out_dir / f".{name}.old"):
+        if (folder / WEIGHTS_NAME).is_file():
+            return folder
+    return None
+
+
+def _resume(out_dir: Path, model: ClipCount, optimizer, scheduler, cfg: TrainConfig, ctx: DistContext,
+            device: torch.device, progress: bool) -> Position:
+    """Load the model, optimizer, scheduler, RNG and position from out_dir/last."""
+    from safetensors.torch import load_file
+
+    from clipcount.modeling.weights import load_state_strict
+
+    folder = find_checkpoint(out_dir, LAST)
+    if folder is None:
+        if ctx.is_main and progress:
+            print(f"clipcount: no checkpoint in {out_dir / LAST}; starting from scratch")
+        return Position()
+    state = load_trainer_state(folder)
+    pos = Position(**state["position"])
+    _check_resumable(state, cfg, ctx, pos, folder)
+    weights = folder / WEIGHTS_NAME
+    try:
+        tensors = load_file(str(weights), device=str(device))
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types
+        raise CheckpointError(f"{weights} is unreadable ({error}); resume from another checkpoint") from None
+    load_state_strict(model, tensors, str(weights))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rngs = state["rng"] or []
+    if ctx.rank < len(rngs):
+        set_rng_state(rngs[ctx.rank])
+    else:  # more processes than when saved: new ranks get fresh, distinct streams
+        _seed_everything(cfg.seed + ctx.rank + 7919 * pos.step)
+    if ctx.is_main and progress:
+        print(f"clipcount: resuming from {folder} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
+    return pos
+
+
+def _check_resumable(state: dict[str, Any], cfg: TrainConfig, ctx: DistContext, pos: Position, folder: Path) -> None:
+    """Mid-epoch, the data order depends on seed, batch size and process count: they must match."""
+    if pos.batch == 0:
+        return
+    saved = state.get("train_config", {})
+    changed = [key for key in ("seed", "batch_size") if saved.get(key) != getattr(cfg, key)]
+    if state.get("world_size") != ctx.world_size:
+        changed.append("number of processes")
+    if changed:
+        raise ConfigError(
+            f"{folder} was saved in the middle of an epoch with a different {', '.join(changed)}; resume "
+            "with the same settings (or start a new output folder)"
+        )
+
+
+def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+# ---- logging ------------------------------------------------------------------------------------
+
+class _MetricsLogger:
+    """metrics.jsonl (and TensorBoard when available) on rank 0; loss averaged over the log window
+    and over processes. On resume the lines past the checkpoint's step (written by the run that was
+    interrupted) are dropped so the log reads as one run."""
+
+    def __init__(self, out_dir: Path, ctx: DistContext, keep_until: int | None, tensorboard: bool = True):
+        self.ctx = ctx
+        self.path = out_dir / METRICS_FILE
+        self.window: list[tuple[float, float, float]] = []
+        self.started = time.time()
+        self.file = None
+        self.writer = None
+        if not ctx.is_main:
+            return
+        kept = _read_lines_until(self.path, keep_until) if keep_until is not None else []
+        self.file = open(self.path, "w", encoding="utf-8")
+        self.file.writelines(kept)
+        self.file.flush()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            except Exception:  # noqa: BLE001 - TensorBoard is optional; any import problem means "off"
+                self.writer = None
+
+    def step(self, pos: Position, stage: str, total: float, contrastive: float, mse: float, lr: float,
+             every: int, device: torch.device) -> None:
+        self.window.append((total, contrastive, mse))
+        if every <= 0 or pos.step % every:
+            return
+        means = [mean_across(self.ctx, sum(v) / len(v), device) for v in zip(*self.window)]
+        self.window.clear()
+        if self.file is None:
+            return
+        record = {"step": pos.step, "epoch": pos.epoch, "stage": stage, "loss": means[0],
+                  "contrastive": means[1], "density": means[2], "lr": lr,
+                  "time": round(time.time() - self.started, 3), "timestamp": round(time.time(), 3)}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key in ("loss", "contrastive", "density", "lr"):
+                self.writer.add_scalar(f"train/{key}", record[key], pos.step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _read_lines_until(path: Path, step: int) -> list[str]:
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the kill
+    return kept
+
+
+def _progress_bar(enabled: bool, pos: Position, cfg: TrainConfig, total_epochs: int, batches_per_epoch: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    total = total_epochs * batches_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    return tqdm(total=total, initial=min(pos.step, total), desc="train", unit="step", dynamic_ncols=True)
