@@ -1,0 +1,275 @@
+"""The Python API: count things in images by describing them.
+
+    from clipcount.api import Counter
+    counter = Counter.from_pretrained("demo")               # or a checkpoint folder / hub id
+    result = counter.count("orchard.jpg", "apples")          # one prompt -> one CountResult
+    result.count, result.density, result.points              # float, (H, W), (K, 2) x, y
+    apples, pears = counter.count("orchard.jpg", ["apples", "pears"])   # image encoded once
+
+`Counter` wraps the engine's DensityPredictor (sliding windows, batched, text cache) and adds what
+people need around it: images of any kind and size (imaging.load_image), prompts checked with a
+clear message, densities and points brought back to the image's own pixel grid, and a lazy
+`count_many` for folders of thousands of images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipcount.engine.inference import DensityPredictor
+from clipcount.engine.locations import find_objects
+from clipcount.engine.windows import resize_density
+from clipcount.errors import ClipCountError, ConfigError, PromptError
+from clipcount.imaging import ImageLimits, ImageSource, load_image
+from clipcount.modeling.clip_count import ClipCount
+from clipcount.models import DEFAULT_MODEL, is_synthetic_only, resolve_model, warn_if_demo
+
+PRECISIONS = ("auto", "fp32", "bf16")
+_PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16"}
+
+# Columns of a results table (CLI --csv, the web page's download); JSON rows add "points".
+ROW_FIELDS = ("image", "prompt", "count", "objects", "width", "height", "error")
+
+
+@dataclass
+class CountResult:
+    """One prompt counted in one image. Everything is in the image's own pixel grid."""
+
+    prompt: str
+    count: float  # density.sum() / density_scale
+    density: np.ndarray = field(repr=False)  # (H, W) float32, objects per pixel * density_scale
+    points: np.ndarray = field(repr=False)  # (K, 2) float (x, y), pixel centres at integers; K = round(count)
+    # (height, width) of the image as counted: the original size, except for images larger than
+    # ImageLimits.max_side_for_counting (4096 px by default), which load_image downscales first.
+    image_size: tuple[int, int]
+
+    def to_row(self, image: str) -> dict[str, Any]:
+        """A table row: the ROW_FIELDS plus "points" ([[x, y], ...], rounded to 0.1 px)."""
+        height, width = self.image_size
+        return {
+            "image": image, "prompt": self.prompt, "count": _finite_or_none(self.count),
+            "objects": int(len(self.points)), "width": width, "height": height, "error": "",
+            "points": np.round(self.points, 1).tolist(),
+        }
+
+
+@dataclass
+class ImageCount:
+    """One image of `count_many`: its results, or the reason it could not be counted."""
+
+    source: Any = field(repr=False)  # what was given: a path, PIL image, array ...
+    results: list[CountResult] = field(default_factory=list)  # one per prompt; empty when `error` is set
+    error: str | None = None  # one line for people, naming the image
+    image: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) float32 as counted, for overlays
+
+    @property
+    def name(self) -> str:
+        return source_name(self.source)
+
+    def __repr__(self) -> str:
+        return f"ImageCount({self.name!r}, results={self.results!r}, error={self.error!r})"
+
+    def to_rows(self, prompts: Sequence[str]) -> list[dict[str, Any]]:
+        """One row per prompt; an image that failed gets an error row for each prompt."""
+        if self.error is not None:
+            return [error_row(self.name, prompt, self.error) for prompt in prompts]
+        return [result.to_row(self.name) for result in self.results]
+
+
+def error_row(image: str, prompt: str, error: str) -> dict[str, Any]:
+    return {"image": image, "prompt": prompt, "count": None, "objects": None, "width": None,
+            "height": None, "error": error, "points": []}
+
+
+def source_name(source: Any) -> str:
+    """How an image is called in results and messages: its path, or its kind."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return f"<{type(source).__name__}>"
+
+
+class Counter:
+    """Counts what prompts describe in images, with one model on one device.
+
+    Device and precision are chosen automatically (a CUDA GPU with bfloat16 if there is one, else
+    the CPU in float32) and can be forced with `device="cpu"`, `precision="fp32"` and so on.
+    """
+
+    def __init__(
+        self,
+        model: ClipCount,
+        *,
+        device: str | torch.device | None = None,
+        precision: str = "auto",
+        stride: int | None = None,
+        max_batch: int = 64,
+        limits: ImageLimits = ImageLimits(),
+        min_distance: int = 3,
+    ):
+        """stride: pixels between windows (default a third of the window, the published protocol's
+        128 for 384); min_distance: pixels between object points in the model's 384-high grid."""
+        precision = _check_precision(precision)
+        device = _check_device(device)
+        window = model.config.window_size
+        stride = max(1, window // 3) if stride is None else stride
+        if not 0 < stride <= window:
+            raise ConfigError(f"stride must be between 1 and the model's window size {window}, not {stride}")
+        self.predictor = DensityPredictor(model, stride=stride, max_batch=max_batch, device=device,
+                                          precision=precision)
+        self.limits = limits
+        self.min_distance = min_distance
+        self.synthetic_only = False  # set by from_pretrained for the demo model: not for real photos
+        self.source: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = DEFAULT_MODEL, **options: Any) -> "Counter":
+        """Load a model by name ("demo"), checkpoint folder or file, or Hugging Face hub id.
+
+        Options are those of `Counter(...)`. The demo model warns once per process
+        (DemoModelWarning) that it was trained on synthetic shapes only.
+        """
+        from clipcount.modeling.checkpoint import load_model
+
+        folder = resolve_model(source)
+        counter = cls(load_model(folder), **options)
+        counter.source = os.fspath(source)
+        counter.synthetic_only = is_synthetic_only(source)
+        warn_if_demo(source, stacklevel=3)
+        return counter
+
+    @property
+    def device(self) -> torch.device:
+        return self.predictor.device
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.predictor.autocast_dtype is None else "bf16"
+
+    @property
+    def density_scale(self) -> float:
+        return self.predictor.density_scale
+
+    def count(self, image: ImageSource, prompts: str | Sequence[str]) -> CountResult | list[CountResult]:
+        """Count in one image (path, bytes, PIL image or (H, W[, C]) array).
+
+        One prompt (a string) gives one CountResult; a list gives a list, in the same order, and
+        the image is encoded only once for all of them. Raises ImageError / PromptError.
+        """
+        prompt_list = check_prompt_list(prompts)
+        pixels = load_image(image, self.limits)  # (H, W, 3) float32 in [0, 1]
+        results = self.count_loaded(pixels, prompt_list)
+        return results[0] if isinstance(prompts, str) else results
+
+    def count_many(self, images: Iterable[ImageSource], prompts: str | Sequence[str]) -> Iterator[ImageCount]:
+        """Count the same prompts in many images, lazily: one ImageCount per image, in order.
+
+        Only the image being counted and the next one (decoded in a background thread meanwhile)
+        are in memory. An image that cannot be read gives an ImageCount with `error` set instead
+        of stopping the run; bad prompts raise PromptError before anything is read.
+        """
+        prompt_list = check_prompt_list(prompts)
+        self.predictor.encode_prompts(prompt_list)  # once, up front: the cache serves every image
+        for source, pixels, error in _prefetched(images, self._try_load):
+            if error is not None:
+                yield ImageCount(source, [], error)
+            else:
+                yield ImageCount(source, self.count_loaded(pixels, prompt_list), None, pixels)
+
+    def count_loaded(self, pixels: np.ndarray, prompts: Sequence[str]) -> list[CountResult]:
+        """An image as load_image returns it, (H, W, 3) float32 in [0, 1] -> one result per prompt."""
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)  # (3, H, W)
+        densities = self.predictor.predict(image, list(prompts))  # each (window, W') on the CPU
+        size = (int(pixels.shape[0]), int(pixels.shape[1]))
+        return [self._result(prompt, density, size) for prompt, density in zip(prompts, densities)]
+
+    def _result(self, prompt: str, density: torch.Tensor, size: tuple[int, int]) -> CountResult:
+        """Model-grid density (h, w) -> a CountResult on the image grid `size` = (H, W)."""
+        count = self.predictor.count(density)
+        points = find_objects(density, count, self.density_scale, self.min_distance)  # (K, 2) in (h, w) grid
+        height, width = size
+        scale = np.array([width / density.shape[-1], height / density.shape[-2]])
+        points = (points + 0.5) * scale - 0.5  # pixel centres map to pixel centres
+        full = resize_density(density, height, width).numpy()  # (H, W), same sum
+        return CountResult(prompt, count, full.astype(np.float32, copy=False), points, size)
+
+    def _try_load(self, source: ImageSource) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return load_image(source, self.limits), None
+        except ClipCountError as error:
+            return None, str(error)
+
+
+def check_prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    """One prompt or many -> a non-empty list of stripped prompts; PromptError names a bad one."""
+    prompt_list = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(prompt_list, Sequence) or isinstance(prompt_list, (bytes, bytearray)):
+        raise PromptError(f"prompts must be a string or a list of strings, not {type(prompts).__name__}")
+    if len(prompt_list) == 0:
+        raise PromptError("no prompt given; say what to count, e.g. 'apples'")
+    cleaned = []
+    for prompt in prompt_list:
+        if not isinstance(prompt, str):
+            raise PromptError(f"prompt {prompt!r} is not text; prompts are strings such as 'apples'")
+        if not prompt.strip():
+            raise PromptError(f"prompt {prompt!r} is empty; say what to count, e.g. 'apples'")
+        cleaned.append(" ".join(prompt.split()))  # newlines, tabs and runs of spaces -> one space
+    return cleaned
+
+
+def _prefetched(
+    sources: Iterable[Any], load: Callable[[Any], tuple[np.ndarray | None, str | None]]
+) -> Iterator[tuple[Any, np.ndarray | None, str | None]]:
+    """(source, pixels, error) per source, in order, the next one loading while this one is used."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipcount-decode") as pool:
+        pending: deque[tuple[Any, Future]] = deque()
+        for source in sources:
+            pending.append((source, pool.submit(load, source)))
+            if len(pending) > 1:
+                yield _settle(*pending.popleft())
+        while pending:
+            yield _settle(*pending.popleft())
+
+
+def _settle(source: Any, future: Future) -> tuple[Any, np.ndarray | None, str | None]:
+    pixels, error = future.result()
+    return source, pixels, error
+
+
+def _check_precision(precision: str) -> str:
+    precision = _PRECISION_ALIASES.get(precision, precision)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def _check_device(device: str | torch.device | None) -> torch.device | None:
+    """The device asked for, or an error saying why it cannot be used here."""
+    if device is None or device == "auto":
+        return None
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is available here; use cpu or auto")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if chosen.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return chosen
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+__all__ = ["Counter", "CountResult", "ImageCount", "ROW_FIELDS", "check_prompt_list", "error_row", "source_name"]

@@ -1,0 +1,421 @@
+"""`clipcount count`: count what prompts describe in images, folders and glob patterns.
+
+Design, for folders of thousands of images and runs that get interrupted:
+- Images are decoded one at a time (the next one in a background thread), never all at once.
+- Results go, row by row, to a journal beside the output file (`.NAME.clipcount-partial.jsonl`).
+  The output files themselves are written only at the end, each in one atomic step: they are
+  complete or absent, never half-written. If a run dies, its journal stays, and `--resume` reads
+  the previous complete output and the journal, and counts only what is missing.
+- A bad image (missing, corrupt, not an image) costs one line on stderr and an error row in the
+  output; the other images are still counted and the exit code is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """examples:
+  clipcount count orchard.jpg -p apples
+  clipcount count orchard.jpg -p apples -p pears --overlay overlays/
+  clipcount count photos/ -p "red cars" --csv counts.csv
+  clipcount count 'shots/**/*.png' -p people --json counts.json --resume
+  clipcount count photos/ -p cells --json - --model weights/clip-count-published
+  clipcount count big.jpg -p birds --device cpu --precision fp32 --stride 64
+
+Output: one line per image and prompt (image, prompt, count, tab-separated) unless --json - or
+--csv - sends a table to stdout. Bad images are reported on stderr and as rows with an `error`
+field; the others are still counted, and the exit code is then 2.
+"""
+
+FEW_IMAGES = 3  # more than this many images get a progress bar (on a terminal)
+STDOUT = "-"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "count",
+        help="count objects described by text prompts in images",
+        description="Count what each prompt describes in each image: a number, and optionally the "
+        "density heat map with the object points drawn on the image.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER|GLOB",
+                        help="image files, folders (searched recursively) or quoted glob patterns")
+    parser.add_argument("-p", "--prompt", action="append", required=True, metavar="PROMPT",
+                        help="what to count, e.g. 'apples'; repeat for several prompts")
+    parser.add_argument("--json", metavar="FILE", help="write results as JSON to FILE ('-' for stdout)")
+    parser.add_argument("--csv", metavar="FILE", help="write results as CSV to FILE ('-' for stdout)")
+    parser.add_argument("--overlay", metavar="DIR",
+                        help="write a heat-map overlay with the count and points per image and prompt to DIR")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip images already counted in the --json/--csv FILE "
+                        "(and in an interrupted run's journal)")
+    parser.add_argument("--model", default="demo",
+                        help="model name, clipcount checkpoint folder or Hugging Face hub id (default: demo, "
+                        "the bundled model trained on synthetic shapes)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="pixels between sliding windows (default: a third of the window, 128 for 384)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="auto: bf16 on a GPU, fp32 on the CPU")
+    parser.set_defaults(func=run)
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    from clipcount.api import check_prompt_list
+    from clipcount.imaging import list_images
+
+    prompts = check_prompt_list(args.prompt)
+    outputs = Outputs.from_args(args)
+    paths, missing = list_images(args.inputs)  # missing: one line per input that matched nothing
+    previous = outputs.previous_rows() if args.resume else {}
+    done = completed_images(previous.values(), prompts)
+    todo = [path for path in paths if str(path) not in done]
+    if args.resume and done:
+        _note(f"resuming: {len(paths) - len(todo)} of {len(paths)} images already counted")
+    journal = Journal(outputs.journal_path(), previous.values())
+    failures = _report_missing(missing, prompts, journal)
+    try:
+        if todo:
+            failures += _count_images(args, todo, prompts, paths, journal, outputs)
+    except KeyboardInterrupt:
+        if journal.path is not None:
+            _note("stopped; rerun the same command with --resume to count the rest")
+        raise
+    outputs.write(journal.rows(), args, prompts)
+    journal.remove()
+    return 2 if failures else 0
+
+
+def _count_images(args, todo: list[Path], prompts: list[str], all_paths: list[Path],
+                  journal: "Journal", outputs: "Outputs") -> int:
+    """Count `todo`, journaling rows and printing lines as they come; returns the number of failures."""
+    from tqdm import tqdm
+
+    counter = load_counter(args)
+    overlay_names = _overlay_names(all_paths, prompts) if args.overlay else {}
+    show_bar = len(todo) > FEW_IMAGES and sys.stderr.isatty()
+    failures = 0
+    with tqdm(total=len(todo), unit="image", disable=not show_bar, file=sys.stderr) as bar:
+        for item in counter.count_many(todo, prompts):
+            rows = item.to_rows(prompts)
+            journal.add(rows)
+            if item.error is not None:
+                failures += 1
+                bar.write(f"clipcount: error: {item.error}", file=sys.stderr)
+            else:
+                if args.overlay:
+                    _write_overlays(item, Path(args.overlay), overlay_names[str(item.source)])
+                if not outputs.uses_stdout:
+                    for row in rows:
+                        bar.write(format_line(row), file=sys.stdout)
+            bar.update(1)
+    return failures
+
+
+def load_counter(args):
+    """The Counter for --model, --device, --precision and --stride; the demo model's notice is
+    printed as one plain line (not a Python warning with a source location)."""
+    from clipcount.api import Counter
+    from clipcount.models import DemoModelWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DemoModelWarning)
+        counter = Counter.from_pretrained(args.model, device=args.device, precision=args.precision,
+                                          stride=args.stride)
+    for warning in caught:
+        if issubclass(warning.category, DemoModelWarning):
+            _note(str(warning.message))
+        else:  # not ours to swallow
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return counter
+
+
+def _report_missing(missing: list[str], prompts: list[str], journal: "Journal") -> int:
+    from clipcount.api import error_row
+
+    for message in missing:
+        print(f"clipcount: error: {message}", file=sys.stderr)
+        image = message.split(": ", 1)[0]  # list_images names the input first
+        journal.add([error_row(image, prompt, message) for prompt in prompts])
+    return len(missing)
+
+
+def format_line(row: dict[str, Any]) -> str:
+    """image, prompt, count: tab-separated, so that both people and `cut` can read it."""
+    count = row["count"]
+    return f"{row['image']}\t{row['prompt']}\t{'nan' if count is None else f'{count:.2f}'}"
+
+
+def _note(message: str) -> None:
+    print(f"clipcount: {message}", file=sys.stderr)
+
+
+# ---- which images are done ---------------------------------------------------------------------
+
+def completed_images(rows: Iterable[dict[str, Any]], prompts: list[str]) -> set[str]:
+    """Images with a successful row for every prompt: what --resume need not count again."""
+    counted: dict[str, set[str]] = {}
+    for row in rows:
+        if not row.get("error") and row.get("count") is not None:
+            counted.setdefault(str(row["image"]), set()).add(str(row["prompt"]))
+    wanted = set(prompts)
+    return {image for image, done in counted.items() if wanted <= done}
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, str]:
+    return str(row.get("image")), str(row.get("prompt"))
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+
+@dataclass
+class Outputs:
+    """Where results go: --json and/or --csv, each a file or stdout."""
+
+    json: str | None
+    csv: str | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Outputs":
+        from clipcount.errors import ConfigError
+
+        outputs = cls(args.json, args.csv)
+        if outputs.json == STDOUT and outputs.csv == STDOUT:
+            raise ConfigError("--json - and --csv - would both write to stdout; send one of them to a file")
+        if outputs.json and outputs.csv and outputs.json != STDOUT and \
+                Path(outputs.json).expanduser().resolve() == Path(outputs.csv).expanduser().resolve():
+            raise ConfigError(f"--json and --csv name the same file {outputs.json}; give them different names")
+        if args.resume and outputs.primary_file() is None:
+            raise ConfigError("--resume needs an output file to resume from: add --json FILE or --csv FILE")
+        for name in outputs.files():
+            if Path(name).expanduser().is_dir():
+                raise ConfigError(f"output {name} is a folder; give a file name, e.g. {Path(name) / 'counts.json'}")
+        return outputs
+
+    @property
+    def uses_stdout(self) -> bool:
+        return STDOUT in (self.json, self.csv)
+
+    def files(self) -> list[str]:
+        return [name for name in (self.json, self.csv) if name and name != STDOUT]
+
+    def primary_file(self) -> Path | None:
+        files = self.files()
+        return Path(files[0]).expanduser() if files else None
+
+    def journal_path(self) -> Path | None:
+        primary = self.primary_file()
+        return None if primary is None else primary.with_name(f".{primary.name}.clipcount-partial.jsonl")
+
+    def previous_rows(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Rows of the previous complete outputs and of an interrupted run's journal, by (image, prompt).
+
+        JSON rows (with points) win over CSV rows; the journal, being newer, wins over both.
+        """
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        if self.csv and self.csv != STDOUT:
+            merged.update((_row_key(row), row) for row in read_csv_rows(Path(self.csv).expanduser()))
+        if self.json and self.json != STDOUT:
+            merged.update((_row_key(row), row) for row in read_json_rows(Path(self.json).expanduser()))
+        journal = self.journal_path()
+        if journal is not None:
+            merged.update((_row_key(row), row) for row in read_journal(journal))
+        return merged
+
+    def write(self, rows: list[dict[str, Any]], args: argparse.Namespace, prompts: list[str]) -> None:
+        """Write every output in one step each (files atomically)."""
+        from clipcount.engine.metrics import write_json_atomic
+
+        document = json_document(rows, args.model, prompts)
+        if self.json == STDOUT:
+            json.dump(document, sys.stdout, indent=2, ensure_ascii=False)
+            sys.stdout.write("\n")
+        elif self.json:
+            write_json_atomic(document, Path(self.json).expanduser())
+        if self.csv == STDOUT:
+            write_csv_stream(rows, sys.stdout)
+        elif self.csv:
+            from clipcount.engine.metrics import write_csv_atomic
+            write_csv_atomic((csv_row(row) for row in rows), Path(self.csv).expanduser(), csv_fields())
+
+
+def json_document(rows: list[dict[str, Any]], model: str, prompts: list[str]) -> dict[str, Any]:
+    from clipcount import __version__
+
+    return {"clipcount": __version__, "model": str(model), "prompts": prompts, "results": rows}
+
+
+def csv_fields() -> list[str]:
+    from clipcount.api import ROW_FIELDS
+
+    return list(ROW_FIELDS)
+
+
+def csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row for CSV: the table columns only, missing values empty."""
+    return {name: ("" if row.get(name) is None else row.get(name)) for name in csv_fields()}
+
+
+def write_csv_stream(rows: Iterable[dict[str, Any]], handle) -> None:
+    writer = csv.DictWriter(handle, fieldnames=csv_fields(), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(csv_row(row) for row in rows)
+
+
+def read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a previous --json output ([] if there is none); an unreadable one is an error."""
+    from clipcount.errors import DataError
+
+    if not path.is_file():
+        return []
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        rows = document["results"] if isinstance(document, dict) else document
+        return [dict(row) for row in rows if isinstance(row, dict) and "image" in row and "prompt" in row]
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{path} is not a clipcount JSON output ({error}); move it away or drop --resume") from None
+
+
+def read_csv_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a previous --csv output ([] if there is none), counts back to numbers."""
+    from clipcount.errors import DataError
+
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"image", "prompt", "count"} <= set(reader.fieldnames):
+            raise DataError(f"{path} is not a clipcount CSV output (needs image, prompt and count columns); "
+                            "move it away or drop --resume")
+        return [_typed_csv_row(row) for row in reader]
+
+
+def _typed_csv_row(row: dict[str, str]) -> dict[str, Any]:
+    typed: dict[str, Any] = dict(row)
+    for name, kind in (("count", float), ("objects", int), ("width", int), ("height", int)):
+        value = row.get(name)
+        try:
+            typed[name] = kind(value) if value not in (None, "") else None
+        except ValueError:
+            typed[name] = None
+    typed["error"] = row.get("error") or ""
+    return typed
+
+
+# ---- the journal -------------------------------------------------------------------------------
+
+class Journal:
+    """Rows as JSON lines, appended and flushed one by one, so a killed run loses at most a line.
+
+    Without an output file (stdout only) the rows are kept in memory instead.
+    """
+
+    def __init__(self, path: Path | None, carried: Iterable[dict[str, Any]] = ()):
+        self.path = path
+        self._memory: list[dict[str, Any]] = []
+        self._handle = None
+        if path is not None:
+            self._handle = self._start(path, list(carried))
+        else:
+            self.add(list(carried))
+
+    def _start(self, path: Path, carried: list[dict[str, Any]]):
+        """A fresh journal holding the carried rows, swapped in atomically for any old one."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(path.name + ".new")
+        handle = temp.open("w", encoding="utf-8")
+        self._handle = handle
+        self.add(carried)
+        os.replace(temp, path)  # the open handle keeps appending to the renamed file
+        return handle
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        if self._handle is None:
+            self._memory.extend(rows)
+            return
+        for row in rows:
+            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every row, one per (image, prompt): a later row replaces an earlier one in its place."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+            self._memory = read_journal(self.path)
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in self._memory:
+            merged[_row_key(row)] = row
+        return list(merged.values())
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """Rows of a journal; a line cut short by a crash is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "image" in row and "prompt" in row:
+                rows.append(row)
+    return rows
+
+
+# ---- overlays ----------------------------------------------------------------------------------
+
+def _overlay_names(paths: list[Path], prompts: list[str]) -> dict[str, dict[str, str]]:
+    """image -> prompt -> file name, unique across the whole input list (also across --resume runs)."""
+    used: set[str] = set()
+    names: dict[str, dict[str, str]] = {}
+    for path in paths:
+        per_prompt = {}
+        for prompt in prompts:
+            base = f"{path.stem}.{_slug(prompt)}"
+            name, number = f"{base}.png", 1
+            while name in used:
+                number += 1
+                name = f"{base}-{number}.png"
+            used.add(name)
+            per_prompt[prompt] = name
+        names[str(path)] = per_prompt
+    return names
+
+
+def _slug(text: str) -> str:
+    """A prompt as a file-name part: letters, digits, - and _ only."""
+    slug = "".join(char if char.isalnum() or char in "-_" else "_" for char in text.strip())
+    return slug.strip("_")[:60] or "prompt"
+
+
+def _write_overlays(item, folder: Path, names: dict[str, str]) -> None:
+    from clipcount.imaging import save_image_atomic
+    from clipcount.visualize import overlay
+
+    for result in item.results:
+        picture = overlay(item.image, result.density, result.points, result.count, result.prompt)
+        save_image_atomic(picture, folder / names[result.prompt])
+

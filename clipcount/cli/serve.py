@@ -1,0 +1,78 @@
+"""`clipcount serve`: the counting web page (Gradio), offline and local by default."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLES = """examples:
+  clipcount serve                                   # http://127.0.0.1:7860, the bundled demo model
+  clipcount serve --model weights/clip-count-published --port 8080
+  clipcount serve --host 0.0.0.0 --max-file-size 50mb   # reachable from other machines
+
+Open the address it prints, drop an image, type what to count ("apples, red cars") and press Count.
+Needs the web extra: pip install 'clipcount[web]'.
+"""
+
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def register(subparsers) -> None:
+    from clipcount.web import DEFAULT_HOST, DEFAULT_MAX_FILE_SIZE, DEFAULT_PORT, DEFAULT_QUEUE_SIZE
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="start the counting web page",
+        description="Serve a web page where you upload an image, type prompts and see each count with its "
+        "heat map; results download as CSV or JSON. No analytics, no share link.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="demo",
+                        help="model name, clipcount checkpoint folder or Hugging Face hub id (default: demo)")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--max-file-size", default=DEFAULT_MAX_FILE_SIZE,
+                        help=f"largest upload accepted, e.g. 10mb (default {DEFAULT_MAX_FILE_SIZE})")
+    parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
+                        help=f"requests that may wait while one is counted (default {DEFAULT_QUEUE_SIZE})")
+    parser.add_argument("--stride", type=int, default=None, help="pixels between sliding windows")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipcount.errors import ConfigError
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be between 1 and 65535, not {args.port}")
+    if args.queue_size < 1:
+        raise ConfigError(f"--queue-size must be at least 1, not {args.queue_size}")
+    web = _import_web()
+    from clipcount.cli.count import load_counter
+
+    counter = load_counter(args)
+    if args.host not in _LOCAL_HOSTS:
+        print(f"clipcount: serving on {args.host}: anyone who can reach this machine can use the page",
+              file=sys.stderr)
+    try:
+        web.serve(counter, host=args.host, port=args.port, max_file_size=args.max_file_size,
+                  queue_size=args.queue_size)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({error}); "
+                          "choose another port with --port") from None
+    return 0
+
+
+def _import_web():
+    from clipcount.errors import ConfigError
+
+    try:
+        import gradio  # noqa: F401 - checked here for a clear message
+    except ImportError:
+        raise ConfigError("the web page needs Gradio: pip install 'clipcount[web]'") from None
+    from clipcount import web
+
+    return web

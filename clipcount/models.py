@@ -1,0 +1,111 @@
+"""Named models: what `--model NAME` and `Counter.from_pretrained(NAME)` mean.
+
+Only one name exists today, "demo": a small model bundled with the package so that counting works
+out of the box, offline. It was trained on synthetic shapes (clipcount's synthetic world), not on
+real photos, so it says so once per process when it is used. Anything that is not a registered
+name is a checkpoint path or a Hugging Face hub id, resolved by `checkpoint.resolve_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipcount.errors import CheckpointError
+
+DEFAULT_MODEL = "demo"
+
+# Where the bundled model lives (model.safetensors + config.json, the clipcount checkpoint layout).
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# Checkpoints of other programs that people may pass by mistake: they need converting first.
+_FOREIGN_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
+
+REAL_WEIGHTS_HINT = (
+    "for real photos, convert the published CLIP-Count checkpoint with "
+    "`clipcount convert-official CKPT OUT` and pass `--model OUT` "
+    "(or Counter.from_pretrained('OUT')), or pass any clipcount checkpoint folder or hub id"
+)
+
+
+class DemoModelWarning(UserWarning):
+    """The bundled demo model is in use; it was not trained on real photos.
+
+    A category of its own so that it can be shown once per process (the filter below) and so that
+    callers can silence or capture it precisely.
+    """
+
+
+# Shown once per process wherever it is raised from. Appended, so a filter of the application's
+# own (`-W`, `warnings.simplefilter`) still takes precedence.
+warnings.filterwarnings("once", category=DemoModelWarning, append=True)
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model shipped with or known to clipcount by name."""
+
+    name: str
+    folder: Path
+    description: str
+    synthetic_only: bool  # trained on synthetic images only: warn that real photos are out of scope
+
+
+REGISTRY: dict[str, NamedModel] = {
+    "demo": NamedModel(
+        name="demo",
+        folder=ASSETS / "demo",
+        description="a small CLIP-Count trained on synthetic shapes, bundled for trying clipcount out",
+        synthetic_only=True,
+    ),
+}
+
+
+def resolve_model(source: str | os.PathLike = DEFAULT_MODEL) -> Path:
+    """A model name, checkpoint folder/file or hub id -> the local checkpoint folder.
+
+    Hub ids are downloaded (needs network). Raises CheckpointError with what to do otherwise.
+    """
+    from clipcount.modeling.checkpoint import resolve_checkpoint
+
+    named = REGISTRY.get(str(source))
+    if named is not None:
+        return _named_folder(named)
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() in _FOREIGN_SUFFIXES:
+        raise CheckpointError(
+            f"{path} is not a clipcount checkpoint; if it is the published CLIP-Count checkpoint, "
+            f"convert it first: `clipcount convert-official {path} OUT_FOLDER`, then use OUT_FOLDER"
+        )
+    return resolve_checkpoint(source)
+
+
+def _named_folder(named: NamedModel) -> Path:
+    from clipcount.modeling.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+    if not (named.folder / WEIGHTS_NAME).is_file() or not (named.folder / CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"the bundled {named.name!r} model is not installed in this copy of clipcount "
+            f"(expected {named.folder / WEIGHTS_NAME}); reinstall clipcount, or {REAL_WEIGHTS_HINT}"
+        )
+    return named.folder
+
+
+def is_synthetic_only(source: str | os.PathLike) -> bool:
+    named = REGISTRY.get(str(source))
+    return named is not None and named.synthetic_only
+
+
+def warn_if_demo(source: str | os.PathLike, stacklevel: int = 3) -> None:
+    """Tell people, once per process, that the demo model does not count real photos well."""
+    if is_synthetic_only(source):
+        warnings.warn(demo_notice(), DemoModelWarning, stacklevel=stacklevel)
+
+
+def demo_notice() -> str:
+    return (
+        "using the bundled demo model, trained on synthetic shapes, not real photos: "
+        f"counts on photos are not meaningful; {REAL_WEIGHTS_HINT}"
+    )
