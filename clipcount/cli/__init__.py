@@ -10,7 +10,7 @@ import sys
 from clipcount.errors import ClipCountError
 
 # sub-command modules, in the order `clipcount --help` lists them
-COMMANDS = ("count", "serve", "train", "evaluate", "convert", "synthetic", "experiments")
+COMMANDS = ("count", "demo", "serve", "train", "evaluate", "convert", "synthetic", "experiments")
 
 
 def build_parser() -> argparse.ArgumentParser:
