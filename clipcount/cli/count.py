@@ -78,33 +78,113 @@ def run(args: argparse.Namespace) -> int:
     from clipcount.imaging import list_images
 
     prompts = check_prompt_list(args.prompt)
-    outputs = Outputs.from_args(args)
+    shard = Shard.from_env()
+    outputs = Outputs.from_args(args, shard)
     paths, missing = list_images(args.inputs)  # missing: one line per input that matched nothing
     previous = outputs.previous_rows() if args.resume else {}
     done = completed_images(previous.values(), prompts)
-    todo = [path for path in paths if str(path) not in done]
+    todo = [path for path in shard.take(paths) if str(path) not in done]
     if args.resume and done:
         _note(f"resuming: {len(paths) - len(todo)} of {len(paths)} images already counted")
-    journal = Journal(outputs.journal_path(), previous.values())
-    failures = _report_missing(missing, prompts, journal)
+    journal = Journal(outputs.journal_path(), shard.own_rows(previous.values(), paths))
+    failures = _report_missing(missing, prompts, journal) if shard.rank == 0 else 0
     try:
         if todo:
-            failures += _count_images(args, todo, prompts, paths, journal, outputs)
+            failures += _count_images(args, todo, prompts, paths, journal, outputs, shard)
     except KeyboardInterrupt:
         if journal.path is not None:
             _note("stopped; rerun the same command with --resume to count the rest")
         raise
-    outputs.write(journal.rows(), args, prompts)
+    rows = shard.merge(journal.rows(), outputs, paths)
+    if rows is not None:  # rank 0, or the only process
+        outputs.write(rows, args, prompts)
     journal.remove()
-    return 2 if failures else 0
+    return 2 if shard.any_failed(failures) else 0
+
+
+@dataclass
+class Shard:
+    """This process's part of a `torchrun` (or any RANK/WORLD_SIZE launcher) run.
+
+    Rank r counts images r, r + W, r + 2W, ... and writes its rows to its own part file; rank 0
+    waits for every part and merges them into the one output, in input order. A single process
+    is rank 0 of 1 and does none of this.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    context: Any = None
+
+    @classmethod
+    def from_env(cls) -> "Shard":
+        from clipcount.engine.distributed import env_context, init_from_env
+
+        ctx = env_context()
+        if ctx.world_size <= 1:
+            return cls()
+        ctx = init_from_env(backend="gloo")  # the rows travel as files; gloo only synchronises
+        return cls(ctx.rank, ctx.world_size, ctx.local_rank, ctx)
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+    def take(self, paths: list[Path]) -> list[Path]:
+        return paths[self.rank :: self.world_size]
+
+    def device(self, requested: str) -> str:
+        import torch
+
+        if self.sharded and requested == "auto" and torch.cuda.is_available():
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        return requested
+
+    def part_path(self, outputs: "Outputs", rank: int) -> Path:
+        primary = outputs.primary_file()
+        return primary.with_name(f".{primary.name}.part-{rank}-of-{self.world_size}.jsonl")
+
+    def merge(self, rows: list[dict[str, Any]], outputs: "Outputs", paths: list[Path]) -> list[dict[str, Any]] | None:
+        """All rows in input order on rank 0 (None on the other ranks)."""
+        if not self.sharded:
+            return rows
+        from clipcount.engine.distributed import barrier, shutdown
+        from clipcount.imaging import atomic_write
+
+        with atomic_write(self.part_path(outputs, self.rank), "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        barrier(self.context)
+        merged = None
+        if self.rank == 0:
+            parts = [self.part_path(outputs, rank) for rank in range(self.world_size)]
+            merged = [row for part in parts for row in read_journal(part)]
+            order = {str(path): index for index, path in enumerate(paths)}
+            merged.sort(key=lambda row: order.get(str(row["image"]), -1))  # stable: prompt order kept
+            for part in parts:
+                part.unlink(missing_ok=True)
+        barrier(self.context)
+        shutdown(self.context)
+        return merged
+
+    def any_failed(self, failures: int) -> bool:
+        return failures > 0
+
+    def own_rows(self, rows: Iterable[dict[str, Any]], paths: list[Path]) -> list[dict[str, Any]]:
+        """The earlier rows this rank carries into its part: its own images' (rank 0: also inputs
+        that matched no image), so that every row lands in exactly one part."""
+        if not self.sharded:
+            return list(rows)
+        mine = {str(path) for path in self.take(paths)}
+        known = {str(path) for path in paths}
+        return [row for row in rows if str(row["image"]) in mine or (self.rank == 0 and str(row["image"]) not in known)]
 
 
 def _count_images(args, todo: list[Path], prompts: list[str], all_paths: list[Path],
-                  journal: "Journal", outputs: "Outputs") -> int:
+                  journal: "Journal", outputs: "Outputs", shard: Shard) -> int:
     """Count `todo`, journaling rows and printing lines as they come; returns the number of failures."""
     from tqdm import tqdm
 
-    counter = load_counter(args)
+    counter = load_counter(args, shard.device(args.device))
     overlay_names = _overlay_names(all_paths, prompts) if args.overlay else {}
     show_bar = len(todo) > FEW_IMAGES and sys.stderr.isatty()
     failures = 0
@@ -125,7 +205,7 @@ def _count_images(args, todo: list[Path], prompts: list[str], all_paths: list[Pa
     return failures
 
 
-def load_counter(args):
+def load_counter(args, device: str | None = None):
     """The Counter for --model, --device, --precision and --stride; the demo model's notice is
     printed as one plain line (not a Python warning with a source location)."""
     from clipcount.api import Counter
@@ -133,7 +213,7 @@ def load_counter(args):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DemoModelWarning)
-        counter = Counter.from_pretrained(args.model, device=args.device, precision=args.precision,
+        counter = Counter.from_pretrained(args.model, device=device or args.device, precision=args.precision,
                                           stride=args.stride)
     for warning in caught:
         if issubclass(warning.category, DemoModelWarning):
@@ -188,11 +268,16 @@ class Outputs:
     json: str | None
     csv: str | None
 
+    journal_suffix: str = ""  # one journal per rank in a sharded run
+
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Outputs":
+    def from_args(cls, args: argparse.Namespace, shard: Shard | None = None) -> "Outputs":
         from clipcount.errors import ConfigError
 
-        outputs = cls(args.json, args.csv)
+        sharded = shard is not None and shard.sharded
+        outputs = cls(args.json, args.csv, f".rank{shard.rank}" if sharded else "")
+        if sharded and outputs.primary_file() is None:
+            raise ConfigError("a run over several processes merges its parts into a file: add --json FILE or --csv FILE")
         if outputs.json == STDOUT and outputs.csv == STDOUT:
             raise ConfigError("--json - and --csv - would both write to stdout; send one of them to a file")
         if outputs.json and outputs.csv and outputs.json != STDOUT and \
@@ -218,7 +303,9 @@ class Outputs:
 
     def journal_path(self) -> Path | None:
         primary = self.primary_file()
-        return None if primary is None else primary.with_name(f".{primary.name}.clipcount-partial.jsonl")
+        if primary is None:
+            return None
+        return primary.with_name(f".{primary.name}.clipcount-partial{self.journal_suffix}.jsonl")
 
     def previous_rows(self) -> dict[tuple[str, str], dict[str, Any]]:
         """Rows of the previous complete outputs and of an interrupted run's journal, by (image, prompt).
