@@ -1,0 +1,862 @@
+"""The whole CLIP-Count method trained and measured on the synthetic world, in one command:
+
+    clipcount synthetic recipe OUT [--preset small|full]
+
+1. pretrain a small CLIP contrastively on (crop, caption) pairs (`pretrain.py`);
+2. freeze it and train CLIP-Count on top with the full recipe (deep visual prompts, text context
+   tokens, contrastive stage, density stage, hierarchical interaction) with `engine.train.train`
+   on scenes generated in DataLoader workers (`stream.py`);
+3. train three ablations with one shared budget: no contrastive stage, one interaction scale, no
+   visual prompts; when that budget is smaller than the main model's, the full recipe is trained
+   at it too ("full_same_budget"), so every ablation has a like-for-like reference (concurrently,
+   one process each, on a GPU; one after another on a CPU);
+4. count fresh test scenes with the main model and the ablations (`benchmarks/counting.py`) and
+   write OUT/report.json and OUT/report.txt.
+
+Every stage is resumable: run the same command again after an interruption and finished stages are
+skipped, unfinished trainings continue from their last checkpoint. OUT/recipe.json records the
+preset, each stage's time and the numbers later stages need (the training-mean count, and the step
+counts a time-budgeted preset chose from the throughput it measured).
+
+Presets: "small" proves the recipe runs on 2 CPU cores in under 20 minutes (a tiny model at a low
+resolution: it will not count well). "full" is the recipe of the bundled demo model: sized for
+one H100 with 16 CPU cores, about 8 minutes. "toy" is for tests (seconds).
+
+`export_demo(run_dir, assets_dir)` copies the trained model into the package (float16 weights, so
+the bundled file stays under 16 MB) and renders the example scene.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipcount.config import (
+    CLIPConfig,
+    ClipCountConfig,
+    DecoderConfig,
+    InteractionConfig,
+    PromptConfig,
+    TextConfig,
+    TrainConfig,
+    VisionConfig,
+)
+from clipcount.errors import CheckpointError, ClipCountError, ConfigError
+from clipcount.synthetic.pretrain import PretrainConfig, read_clip
+from clipcount.synthetic.world import WorldConfig
+
+STATE_FILE = "recipe.json"
+REPORT_JSON, REPORT_TEXT = "report.json", "report.txt"
+STAGES = ("pretrain", "main", "ablations", "benchmark")
+ABLATIONS = ("no_contrastive", "one_scale", "no_visual_prompts")
+REFERENCE = "full_same_budget"  # the full recipe at the ablations' budget, when it differs from main's
+TEST_SEED = 10_000_000  # benchmark scenes; training uses the preset's small seeds
+EXAMPLE_SEED = 31_000_000  # the bundled example scene
+# Target density maps are blurred with sigma 2 px, not the published 1 px: the decoder's finest
+# stage is at half the window's resolution, where a 1 px Gaussian cannot be drawn, and the squared
+# error would mostly measure peaks it cannot reach rather than counts. Sums (counts) are the same.
+DENSITY_SIGMA = 2.0
+# One training prompt in five names a class that is absent from the crop but shares its colour or
+# shape with one present: without such prompts a model is rewarded for counting whatever is there,
+# and the first bundled model counted the dominant class of the prompt-fidelity scenes.
+ABSENT_PROB = 0.2
+# The density head starts at this fraction of the mean target density: a softplus output decays
+# only slowly towards 0, so starting at the mean left a floor that added ~15 objects to every scene.
+HEAD_INIT_FRACTION = 1 / 16
+
+
+# ---- presets --------------------------------------------------------------------------------------
+
+@dataclass
+class Preset:
+    """Everything a recipe run is made of. Budgets are optimizer steps, or seconds (`time_budget`,
+    `pretrain.time_budget_s`) turned into steps on the machine at hand and recorded in recipe.json."""
+
+    name: str
+    clip: CLIPConfig
+    pretrain: PretrainConfig
+    model: ClipCountConfig  # its `clip` is replaced by the pretrained CLIP's config
+    train: TrainConfig  # the main model's training (epochs of `steps_per_epoch` steps)
+    steps_per_epoch: int
+    crops_per_scene: int = 2
+    absent_prob: float = 0.0  # share of training prompts naming a similar class absent from the crop
+    ablation_steps_per_epoch: int | None = None  # None: the main model's budget
+    ablation_workers: int | None = None  # data workers per ablation process (None: share the cores)
+    concurrent_ablations: bool | None = None  # None: on CUDA only
+    world: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides for training
+    bench_world: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides for test scenes
+    # Seconds of training for "main" and "ablations": steps per epoch are then chosen from the step
+    # rate measured on this machine (recorded in recipe.json); None: the fixed steps above.
+    time_budget: dict[str, float] | None = None
+    bench_n: int = 200
+    bench_seed: int = TEST_SEED
+    bench_stride: int = 128
+    train_mean_n: int = 500
+    zero_shot_n: int = 120
+
+    def world_config(self) -> WorldConfig:
+        return WorldConfig(**{**self.world, "mode": "train"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def small_preset() -> Preset:
+    """2 CPU cores, under 20 minutes: proves every stage runs (a 192-pixel view cannot count 8 px shapes).
+
+    Sized by time like the full preset (150 s of CLIP pretraining, 240 s for the main model, 240 s
+    for the four ablation-stage models one after another), so a slower or busier machine trains
+    fewer steps rather than taking longer.
+    """
+    clip = CLIPConfig(
+        VisionConfig(image_size=192, patch_size=16, width=96, layers=4, heads=3),
+        TextConfig(context_length=32, width=64, layers=2, heads=2),
+        embed_dim=64,
+    )
+    model = ClipCountConfig(
+        clip=clip,
+        prompts=PromptConfig(visual_tokens=4, visual_layers=3, text_context_tokens=2),
+        interaction=InteractionConfig(scales=2, width=64, heads=2),
+        decoder=DecoderConfig(channels=(32, 16, 16, 8), groups=4),
+    )
+    train = TrainConfig(contrastive_epochs=1, density_epochs=3, batch_size=8, lr=5e-4, lr_decay_every=3,
+                        density_sigma=DENSITY_SIGMA, num_workers=1, checkpoint_every=100, log_every=10,
+                        mosaic_prob=0.0, augment_prob=0.0)
+    return Preset(
+        name="small", clip=clip, model=model, train=train, steps_per_epoch=60, absent_prob=ABSENT_PROB,
+        pretrain=PretrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=30, num_workers=1,
+                                checkpoint_every=50, log_every=10, time_budget_s=150.0, calibration_steps=15),
+        ablation_steps_per_epoch=25, concurrent_ablations=False,
+        world={"max_width": 640}, bench_n=24, train_mean_n=200, zero_shot_n=60,
+        time_budget={"main": 240.0, "ablations": 240.0},
+    )
+
+
+def full_preset() -> Preset:
+    """The bundled model's recipe: one H100 and 16 CPU cores, about 8 minutes of wall time.
+
+    The model sees each 384-pixel window at full resolution (patch 16: a 24x24 grid, the
+    interaction at 24x24 and 48x48), so 8-pixel shapes keep their outline. Weights: about 7M
+    parameters, 14.5 MB in float16 (the 49408-token embedding is 3.2M of them at text width 64).
+
+    Training is sized by time (70 s of CLIP pretraining, 220 s for the main model, 60 s for the
+    four ablation-stage models together): the step counts are chosen from throughput measured at
+    the start of each stage and recorded in recipe.json. The step counts below are upper bounds.
+    """
+    workers = max(1, _cores() - 2)
+    clip = CLIPConfig(
+        VisionConfig(image_size=384, patch_size=16, width=192, layers=6, heads=3),
+        TextConfig(context_length=32, width=64, layers=3, heads=2),
+        embed_dim=128,
+    )
+    model = ClipCountConfig(
+        clip=clip,
+        prompts=PromptConfig(visual_tokens=10, visual_layers=5, text_context_tokens=2),
+        interaction=InteractionConfig(scales=2, width=128, heads=4),
+        decoder=DecoderConfig(channels=(64, 32, 16, 16), groups=8),
+    )
+    train = TrainConfig(contrastive_epochs=1, density_epochs=5, batch_size=32, lr=4e-4, lr_decay_every=4,
+                        density_sigma=DENSITY_SIGMA, num_workers=workers, checkpoint_every=500, log_every=25,
+                        mosaic_prob=0.0, augment_prob=0.0)
+    return Preset(
+        name="full", clip=clip, model=model, train=train, steps_per_epoch=600, crops_per_scene=3,
+        absent_prob=ABSENT_PROB,
+        pretrain=PretrainConfig(steps=4000, batch_size=256, lr=5e-4, warmup_steps=60, crops_per_scene=3,
+                                num_workers=workers, checkpoint_every=200, log_every=25, time_budget_s=70.0),
+        ablation_steps_per_epoch=150, ablation_workers=max(1, (workers - 1) // 4),
+        bench_n=100, train_mean_n=600, zero_shot_n=180,
+        time_budget={"main": 220.0, "ablations": 60.0},
+    )
+
+
+def toy_preset() -> Preset:
+    """Seconds: a few steps of tiny models on small scenes (128-pixel windows), for tests."""
+    clip = CLIPConfig(
+        VisionConfig(image_size=64, patch_size=16, width=32, layers=2, heads=2),
+        TextConfig(context_length=32, width=32, layers=1, heads=2),
+        embed_dim=32,
+    )
+    model = ClipCountConfig(
+        clip=clip,
+        prompts=PromptConfig(visual_tokens=2, visual_layers=1, text_context_tokens=2),
+        interaction=InteractionConfig(scales=2, width=16, heads=2),
+        decoder=DecoderConfig(channels=(16, 8, 8, 8), groups=4),
+        window_size=128,
+    )
+    train = TrainConfig(contrastive_epochs=1, density_epochs=1, batch_size=4, lr=1e-3, num_workers=0,
+                        checkpoint_every=100, log_every=1, mosaic_prob=0.0, augment_prob=0.0)
+    world = {"height": 128, "min_width": 128, "max_width": 224, "min_size": 6.0, "max_size": 24.0,
+             "max_per_class": 20}
+    return Preset(
+        name="toy", clip=clip, model=model, train=train, steps_per_epoch=2,
+        pretrain=PretrainConfig(steps=3, batch_size=8, warmup_steps=1, crop_size=128, num_workers=0,
+                                checkpoint_every=2, log_every=1),
+        concurrent_ablations=False, world=world, bench_world=world, bench_n=2, train_mean_n=8, zero_shot_n=4,
+    )
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {"small": small_preset, "full": full_preset, "toy": toy_preset}
+
+
+def get_preset(preset: str | Preset, time_scale: float = 1.0) -> Preset:
+    """A preset by name; `time_scale` multiplies its time budgets (e.g. 0.8 on a tighter slot)."""
+    if not isinstance(preset, Preset):
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown recipe preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[preset]()
+    if time_scale != 1.0:
+        if not time_scale > 0:
+            raise ConfigError(f"the time scale must be positive, got {time_scale}")
+        preset = copy.deepcopy(preset)
+        if preset.pretrain.time_budget_s:
+            preset.pretrain.time_budget_s *= time_scale
+        if preset.time_budget:
+            preset.time_budget = {k: v * time_scale for k, v in preset.time_budget.items()}
+    return preset
+
+
+# ---- variants -------------------------------------------------------------------------------------
+
+@dataclass
+class Variant:
+    """One CLIP-Count training of the recipe: the main model or an ablation."""
+
+    name: str
+    model: ClipCountConfig
+    train: TrainConfig
+    steps_per_epoch: int
+    folder: str  # relative to the run folder
+
+    @property
+    def total_steps(self) -> int:
+        return (self.train.contrastive_epochs + self.train.density_epochs) * self.steps_per_epoch
+
+
+def main_variant(preset: Preset) -> Variant:
+    return Variant("main", copy.deepcopy(preset.model), copy.deepcopy(preset.train), preset.steps_per_epoch, "main")
+
+
+def ablation_variants(preset: Preset) -> list[Variant]:
+    """The three ablations (and a full-recipe reference when their budget is not the main model's)."""
+    steps = preset.ablation_steps_per_epoch or preset.steps_per_epoch
+    base_train = copy.deepcopy(preset.train)
+    if preset.ablation_workers is not None:
+        base_train.num_workers = preset.ablation_workers
+    variants = []
+    names = ((REFERENCE,) if steps != preset.steps_per_epoch else ()) + ABLATIONS
+    for name in names:
+        model, train = copy.deepcopy(preset.model), copy.deepcopy(base_train)
+        if name == "no_contrastive":  # the same number of epochs, all of them density epochs
+            train.density_epochs += train.contrastive_epochs
+            train.contrastive_epochs = 0
+        elif name == "one_scale":
+            model.interaction.scales = 1
+        elif name == "no_visual_prompts":
+            model.prompts.visual_layers = 0
+        variants.append(Variant(name, model, train, steps, f"ablations/{name}"))
+    return variants
+
+
+# ---- the run folder's state ----------------------------------------------------------------------
+
+class RecipeState:
+    """OUT/recipe.json: the preset, finished stages with their times, and shared numbers."""
+
+    def __init__(self, out_dir: Path, preset: Preset):
+        self.path = out_dir / STATE_FILE
+        self.data: dict[str, Any] = {"preset": preset.to_dict(), "stages": {}, "values": {}}
+        if self.path.is_file():
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            if saved.get("preset") != json.loads(json.dumps(preset.to_dict())):
+                raise ConfigError(
+                    f"{out_dir} holds a recipe run with other settings (preset "
+                    f"{saved.get('preset', {}).get('name')!r}); resume it with the same preset and --time-scale, "
+                    "or use a new output folder"
+                )
+            self.data = saved
+
+    def done(self, stage: str) -> bool:
+        return bool(self.data["stages"].get(stage, {}).get("done"))
+
+    def finish(self, stage: str, seconds: float, **info: Any) -> None:
+        self.data["stages"][stage] = {"done": True, "seconds": round(seconds, 1), **info}
+        self.save()
+
+    def set(self, key: str, value: Any) -> None:
+        self.data["values"][key] = value
+        self.save()
+
+    def get(self, key: str) -> Any:
+        return self.data["values"].get(key)
+
+    def save(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(_json_safe(self.data), indent=2), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null: strict JSON has no such numbers."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# ---- building and training one variant ---------------------------------------------------------
+
+def build_on_pretrained(model_cfg: ClipCountConfig, clip_folder: str | os.PathLike):
+    """A new ClipCount whose (frozen) CLIP holds the pretrained synthetic CLIP's weights."""
+    from clipcount.modeling.clip_count import ClipCount
+    from clipcount.modeling.weights import load_state_strict
+
+    state, clip_cfg = read_clip(clip_folder)
+    cfg = copy.deepcopy(model_cfg)
+    cfg.clip = clip_cfg
+    model = ClipCount(cfg)
+    load_state_strict(model.clip, state, str(clip_folder))
+    model.freeze_clip()
+    return model
+
+
+def mean_target_density(stream, n: int = 32) -> float:
+    """The mean pixel of the density maps of the stream's first `n` items (deterministic)."""
+    items = stream.__getitems__(list(range(min(n, len(stream)))))
+    return float(np.mean([float(item["density"].mean()) for item in items]))
+
+
+def init_density_head(model, density: float, weight_scale: float = 0.1) -> bool:
+    """Start the density output near `density` everywhere (a small share of the mean target).
+
+    Freshly initialised, the decoder's last 1x1 convolution outputs values of order 0.3 per pixel,
+    thousands of objects per window, against a mean target near 0.01; AdamW moves a bias by about
+    the learning rate per step, so undoing that takes over a thousand steps of a short budget. Here
+    its weights are scaled down and its bias set so that the output activation gives `density`.
+    Returns False (and changes nothing) if the decoder has no such convolution.
+    """
+    from torch import nn
+
+    head = getattr(model.decoder, "final_conv", None)
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)] if head is not None else []
+    if not convs or convs[-1].bias is None:
+        return False
+    target = torch.tensor(max(density, 1e-6))
+    activation = model.config.decoder.activation
+    if activation == "softplus":
+        bias = target + torch.log(-torch.expm1(-target))  # softplus^-1
+    elif activation == "sigmoid":
+        bias = torch.logit(target.clamp(max=0.5))
+    else:  # relu, identity: the value itself
+        bias = target
+    with torch.no_grad():
+        convs[-1].weight.mul_(weight_scale)
+        convs[-1].bias.fill_(float(bias))
+    return True
+
+
+def synthetic_extra(preset: Preset, variant: str, train_mean: float | None) -> dict[str, Any]:
+    """What config.json says about a recipe model under "synthetic" (read by the benchmark)."""
+    from clipcount.synthetic.prompts import HELD_OUT, format_prompt
+
+    return {
+        "recipe": preset.name,
+        "variant": variant,
+        "train_mean_count": train_mean,
+        "train_seeds": sorted({preset.train.seed, preset.pretrain.seed}),
+        "world": preset.world,
+        "held_out": sorted(format_prompt(c, s) for c, s in HELD_OUT),
+        "trained_on": "synthetic shapes (clipcount's procedural world), not real photos",
+    }
+
+
+def add_extra(folder: Path, extra: dict[str, Any]) -> None:
+    """Add the "synthetic" entry to a checkpoint's config.json (replaced atomically)."""
+    path = folder / "config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["synthetic"] = extra
+    tmp = path.with_name(".config.json.tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train_variant(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one variant (a JSON-able spec, so it also runs in a spawned process); returns a summary."""
+    from clipcount.engine.train import FINAL, train
+    from clipcount.synthetic.stream import CountingStream
+
+    model_cfg = ClipCountConfig.from_dict(spec["model"])
+    train_cfg = _train_config(spec["train"])
+    out = Path(spec["out"])
+    if (out / FINAL / "config.json").is_file() and spec.get("resume", True):
+        done = json.loads((out / FINAL / "config.json").read_text(encoding="utf-8"))
+        if done.get("synthetic") and done.get("training", {}).get("step") == spec["total_steps"]:
+            return {"name": spec["name"], "skipped": True, "step": spec["total_steps"]}
+    _fast_gpu_settings()
+    torch.manual_seed(train_cfg.seed)
+    model = build_on_pretrained(model_cfg, spec["clip"])
+    world = WorldConfig(**spec["world"])
+    stream = CountingStream(spec["steps_per_epoch"] * train_cfg.batch_size, seed=train_cfg.seed, world=world,
+                            crop_size=model_cfg.window_size, crops_per_scene=spec["crops_per_scene"],
+                            density_sigma=train_cfg.density_sigma, density_scale=model_cfg.density_scale,
+                            absent_prob=spec.get("absent_prob", 0.0))
+    # (replaced by the checkpoint's weights when resuming)
+    init_density_head(model, HEAD_INIT_FRACTION * mean_target_density(stream))
+    result = train(model, stream, train_cfg, out, resume=spec.get("resume", True), device=spec.get("device"),
+                   distributed=False, progress=spec.get("progress", True))
+    add_extra(out / FINAL, spec["extra"])
+    return {"name": spec["name"], "step": result.step, "train_seconds": round(result.seconds, 1),
+            "trainable_parameters": model.num_trainable_parameters(),
+            "final_loss": result.losses[-1] if result.losses else None}
+
+
+def _fast_gpu_settings() -> None:
+    """Tuned convolutions (the decoder runs at fixed sizes) and TF32 for what runs outside autocast."""
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _train_config(data: dict[str, Any]) -> TrainConfig:
+    data = dict(data)
+    data["betas"] = tuple(data["betas"])
+    return TrainConfig(**data)
+
+
+def variant_spec(variant: Variant, preset: Preset, out_dir: Path, clip_folder: Path, train_mean: float | None,
+                 device: str | None, resume: bool, progress: bool) -> dict[str, Any]:
+    return {
+        "name": variant.name,
+        "model": variant.model.to_dict(),
+        "train": asdict(variant.train),
+        "steps_per_epoch": variant.steps_per_epoch,
+        "total_steps": variant.total_steps,
+        "crops_per_scene": preset.crops_per_scene,
+        "absent_prob": preset.absent_prob,
+        "world": {**preset.world, "mode": "train"},
+        "clip": str(clip_folder),
+        "out": str(out_dir / variant.folder),
+        "extra": synthetic_extra(preset, variant.name, train_mean),
+        "device": device,
+        "resume": resume,
+        "progress": progress,
+    }
+
+
+def _train_in_process(spec: dict[str, Any], log_path: str) -> None:
+    """Entry point of a spawned ablation process: output to its own log file."""
+    with open(log_path, "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        torch.set_num_threads(1)
+        train_variant(spec)
+
+
+def train_concurrently(specs: list[dict[str, Any]], progress: bool = True) -> list[dict[str, Any]]:
+    """Train several variants at once, one spawned process each (they share the GPU); a progress
+    bar follows their metrics.jsonl files. Raises naming the log of any process that failed."""
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    context = multiprocessing.get_context("spawn")
+    processes = []
+    for spec in specs:
+        Path(spec["out"]).mkdir(parents=True, exist_ok=True)
+        log = str(Path(spec["out"]) / "log.txt")
+        process = context.Process(target=_train_in_process, args=({**spec, "progress": False}, log),
+                                  name=f"clipcount-{spec['name']}")
+        process.start()
+        processes.append((spec, process, log))
+    total = sum(spec["total_steps"] for spec in specs)
+    bar = tqdm(total=total, desc="ablations", unit="step", disable=not progress, dynamic_ncols=True)
+    previous = _interrupt_on_sigterm()
+    try:
+        while any(p.is_alive() for _, p, _ in processes):
+            time.sleep(2.0)
+            bar.n = sum(_logged_step(Path(s["out"])) for s, _, _ in processes)
+            bar.refresh()
+    except KeyboardInterrupt:  # the children are not daemons (they need DataLoader workers): stop them
+        for _, process, _ in processes:
+            process.terminate()
+        raise
+    finally:
+        for _, process, _ in processes:
+            process.join()
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    failed = [(spec["name"], log) for spec, process, log in processes if process.exitcode != 0]
+    if failed:
+        names = ", ".join(f"{name} (see {log})" for name, log in failed)
+        raise ClipCountError(f"ablation training failed: {names}; rerun the recipe to resume")
+    return [{"name": spec["name"]} for spec in specs]
+
+
+def _interrupt_on_sigterm():
+    """Treat SIGTERM (e.g. from `timeout`) like Ctrl-C while child processes run; returns the old
+    handler (None when not in the main thread, where handlers cannot be set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _logged_step(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    try:
+        lines = path.read_text(encoding="utf-8").strip().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (ValueError, KeyError, IndexError):
+        return 0
+
+
+# ---- sizing training by time ---------------------------------------------------------------------
+
+CALIBRATION_STEPS, CALIBRATION_SKIP = 60, 20  # long enough to see the data workers' steady rate
+EPOCH_START_SECONDS = 2.0  # DataLoader workers start again every epoch
+
+
+def measure_train_rate(spec: dict[str, Any], scratch: Path) -> float:
+    """Density-stage training steps per second of a variant on this machine (data generation
+    included): CALIBRATION_STEPS steps of a throwaway copy, timed after the first CALIBRATION_SKIP."""
+    probe = copy.deepcopy(spec)
+    probe["train"].update(contrastive_epochs=0, density_epochs=1, max_steps=CALIBRATION_STEPS, log_every=1,
+                          checkpoint_every=0)
+    probe.update(steps_per_epoch=4 * CALIBRATION_STEPS, total_steps=CALIBRATION_STEPS, out=str(scratch),
+                 resume=False, progress=False)
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        train_variant(probe)
+        times = {}
+        for line in (scratch / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            times[int(record["step"])] = float(record["time"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    span = times[CALIBRATION_STEPS] - times[CALIBRATION_SKIP]
+    return (CALIBRATION_STEPS - CALIBRATION_SKIP) / max(span, 1e-6)
+
+
+def calibrate(preset: Preset, state: RecipeState, out_dir: Path, clip_folder: Path, device: torch.device,
+              say: Callable[[str], None]) -> Preset:
+    """The preset with steps per epoch that fit its time budget (measured once, then read from
+    recipe.json). Concurrent ablations share the GPU and the cores: each is assumed to run at the
+    smaller of its share of the data workers and its share of the GPU, less 10%."""
+    if not preset.time_budget:
+        return preset
+    if state.get("steps_per_epoch") is None:
+        t0 = time.time()
+        spec = variant_spec(main_variant(preset), preset, out_dir, clip_folder, state.get("train_mean_count"),
+                            str(device), False, False)
+        rate = measure_train_rate(spec, out_dir / "calibration")
+        epochs = preset.train.contrastive_epochs + preset.train.density_epochs
+        main_seconds = preset.time_budget["main"] - EPOCH_START_SECONDS * epochs
+        n_variants = len(ABLATIONS) + 1
+        workers = preset.ablation_workers or preset.train.num_workers
+        share = min(workers / max(1, preset.train.num_workers), 1.0 / n_variants)
+        ablation_seconds = preset.time_budget["ablations"] - EPOCH_START_SECONDS * epochs
+        state.set("measured_steps_per_second", round(rate, 2))
+        state.set("steps_per_epoch", max(1, int(rate * main_seconds / epochs)))
+        state.set("ablation_steps_per_epoch", max(1, int(0.9 * share * rate * ablation_seconds / epochs)))
+        state.set("calibration_seconds", round(time.time() - t0, 1))
+        say(f"measured {rate:.1f} training steps/s: main {state.get('steps_per_epoch')} steps per epoch, "
+            f"ablations {state.get('ablation_steps_per_epoch')}")
+    return dataclasses.replace(preset, steps_per_epoch=state.get("steps_per_epoch"),
+                               ablation_steps_per_epoch=state.get("ablation_steps_per_epoch"))
+
+
+# ---- the benchmark --------------------------------------------------------------------------------
+
+def load_benchmark_module():
+    """benchmarks/counting.py of the clipcount source tree (the recipe runs from a checkout)."""
+    try:
+        import benchmarks.counting as module  # the repository root is on sys.path
+
+        return module
+    except ImportError:
+        pass
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "counting.py"
+    if not path.is_file():
+        raise ConfigError(
+            "the recipe's benchmark stage needs benchmarks/counting.py from a clipcount source checkout; "
+            "run the recipe from a clone of the repository (pip install -e .)"
+        )
+    sys.path.insert(0, str(path.parents[1]))
+    spec = importlib.util.spec_from_file_location("benchmarks.counting", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks.counting"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- the recipe -----------------------------------------------------------------------------------
+
+def run_recipe(
+    out_dir: str | os.PathLike,
+    preset: str | Preset = "small",
+    device: str | torch.device | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    stages: tuple[str, ...] = STAGES,
+    time_scale: float = 1.0,
+) -> dict[str, Any]:
+    """Run the recipe into `out_dir` (see the module docstring). Returns the benchmark payload
+    (or the state when the benchmark stage is not asked for). `time_scale` multiplies the
+    preset's time budgets."""
+    from clipcount.engine.inference import pick_device
+
+    preset = get_preset(preset, time_scale)
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"unknown recipe stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    device = pick_device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for name in (STATE_FILE, "clip", "main", "ablations", REPORT_JSON, REPORT_TEXT):
+            target = out_dir / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    state = RecipeState(out_dir, preset)
+    say = _say  # stage messages with times are printed even without progress bars
+    say(f"clipcount recipe: preset {preset.name!r} on {device} into {out_dir}")
+    if preset.name == "full" and device.type != "cuda":
+        say("note: the full preset is sized for a GPU with 16 CPU cores; on a CPU use --preset small")
+
+    clip_folder = out_dir / "clip" / "final"
+    # The training-mean baseline needs a few hundred scenes: drawn in a thread while CLIP trains.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        mean_job = None
+        if state.get("train_mean_count") is None and ({"main", "ablations", "benchmark"} & set(stages)):
+            from clipcount.synthetic.stream import mean_training_count
+
+            mean_job = pool.submit(mean_training_count, preset.world_config(), preset.train.seed, preset.train_mean_n)
+        if "pretrain" in stages:
+            _stage_pretrain(preset, out_dir, state, device, progress, say)
+        if mean_job is not None:
+            state.set("train_mean_count", mean_job.result())
+            say(f"training-mean count {state.get('train_mean_count'):.2f} ({preset.train_mean_n} training scenes)")
+    train_mean = state.get("train_mean_count")
+    measured = state.get("steps_per_epoch") is not None
+    if preset.time_budget and (measured or {"main", "ablations"} & set(stages)):
+        if not measured:
+            _require(clip_folder, "pretrain")
+        preset = calibrate(preset, state, out_dir, clip_folder, device, say)
+    if "main" in stages and not state.done("main"):
+        _require(clip_folder, "pretrain")
+        t0 = time.time()
+        variant = main_variant(preset)
+        say(f"stage 2: CLIP-Count, {variant.total_steps} steps of batch {variant.train.batch_size}")
+        summary = train_variant(variant_spec(variant, preset, out_dir, clip_folder, train_mean, str(device), True,
+                                             progress))
+        state.finish("main", time.time() - t0, **summary)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the ablations run in processes of their own
+    if "ablations" in stages and not state.done("ablations"):
+        _require(clip_folder, "pretrain")
+        _stage_ablations(preset, out_dir, state, clip_folder, train_mean, device, progress, say)
+    if "benchmark" in stages:
+        return _stage_benchmark(preset, out_dir, state, train_mean, device, progress, say)
+    return state.data
+
+
+def _stage_pretrain(preset: Preset, out_dir: Path, state: RecipeState, device: torch.device, progress: bool,
+                    say: Callable[[str], None]) -> None:
+    from clipcount.synthetic.pretrain import load_clip, pretrain_clip, zero_shot_accuracy
+
+    if state.done("pretrain"):
+        return
+    t0 = time.time()
+    _fast_gpu_settings()
+    cfg = dataclasses.replace(preset.pretrain, world={**preset.world, **preset.pretrain.world})
+    length = f"{cfg.time_budget_s:.0f} s (at most {cfg.steps} steps)" if cfg.time_budget_s else f"{cfg.steps} steps"
+    say(f"stage 1: CLIP pretraining, {length} of batch {cfg.batch_size}")
+    result = pretrain_clip(preset.clip, cfg, out_dir / "clip", resume=True, device=device, progress=progress)
+    accuracy = zero_shot_accuracy(load_clip(result.final, device), n=preset.zero_shot_n, device=device,
+                                  crop_size=preset.model.window_size)
+    say(f"CLIP zero-shot class accuracy (36 classes, chance 0.03): seen {accuracy['seen']:.2f}, "
+        f"held-out {accuracy['held_out']:.2f}")
+    state.finish("pretrain", time.time() - t0, steps=result.step, zero_shot_accuracy=accuracy,
+                 final_loss=result.last_loss, final_batch_accuracy=result.last_accuracy)
+
+
+def _stage_ablations(preset: Preset, out_dir: Path, state: RecipeState, clip_folder: Path, train_mean: float | None,
+                     device: torch.device, progress: bool, say: Callable[[str], None]) -> None:
+    t0 = time.time()
+    variants = ablation_variants(preset)
+    specs = [variant_spec(v, preset, out_dir, clip_folder, train_mean, str(device), True, progress) for v in variants]
+    concurrent = preset.concurrent_ablations if preset.concurrent_ablations is not None else device.type == "cuda"
+    say(f"stage 3: ablations {', '.join(v.name for v in variants)}, {variants[0].total_steps} steps each"
+        + (" (concurrently)" if concurrent else ""))
+    if concurrent:
+        train_concurrently(specs, progress)
+    else:
+        for spec in specs:
+            train_variant(spec)
+    state.finish("ablations", time.time() - t0, variants=[v.name for v in variants])
+
+
+def _stage_benchmark(preset: Preset, out_dir: Path, state: RecipeState, train_mean: float | None,
+                     device: torch.device, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    bench = load_benchmark_module()
+    t0 = time.time()
+    models = {"main": out_dir / "main" / "final"}
+    for variant in ablation_variants(preset):
+        folder = out_dir / variant.folder / "final"
+        if folder.is_dir():
+            models[variant.name] = folder
+    for label, folder in models.items():
+        if not (folder / "model.safetensors").is_file():
+            raise CheckpointError(f"{folder} has no trained model; run the recipe's training stages first")
+    say(f"stage 4: benchmark, {preset.bench_n} scenes per set, seed {preset.bench_seed}")
+    title = f"recipe {preset.name!r}: counting benchmark (seed {preset.bench_seed}, {preset.bench_n} scenes per set)"
+    payload = bench.run_benchmark(
+        {k: str(v) for k, v in models.items()}, seed=preset.bench_seed, n=preset.bench_n,
+        stride=preset.bench_stride, device=str(device), train_mean=train_mean, out=None,
+        world=WorldConfig(**{**preset.bench_world, "mode": "test"}), progress=progress, title=title,
+    )
+    payload["targets"] = bench.nae_targets(payload["results"]["main"])
+    payload["recipe"] = {"preset": preset.name, "stages": state.data["stages"], "values": state.data["values"],
+                         "train_mean_count": train_mean}
+    state.finish("benchmark", time.time() - t0)
+    payload["recipe"]["stages"] = state.data["stages"]
+    payload["recipe"]["total_seconds"] = round(sum(s.get("seconds", 0) for s in state.data["stages"].values()), 1)
+    from benchmarks.report import write_json
+
+    write_json(out_dir / REPORT_JSON, payload)
+    (out_dir / REPORT_TEXT).write_text(payload["table_text"] + "\n", encoding="utf-8")
+    return payload
+
+
+def _require(folder: Path, stage: str) -> None:
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is missing: the recipe's {stage!r} stage has not finished")
+
+
+def _say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---- the bundled demo model ---------------------------------------------------------------------
+
+EXAMPLE_CLASSES = {  # several classes, one of them held out (green triangles)
+    ("green", "triangle"): 14,
+    ("red", "circle"): 30,
+    ("blue", "square"): 9,
+    ("yellow", "star"): 22,
+}
+
+
+def render_example(path: str | os.PathLike, seed: int = EXAMPLE_SEED, width: int = 640) -> dict[str, int]:
+    """Write the example scene (JPEG) and return the true count of each class in it by prompt."""
+    from PIL import Image
+
+    from clipcount.synthetic.prompts import format_prompt
+    from clipcount.synthetic.world import make_scene
+
+    world = WorldConfig(mode="test", min_width=width, max_width=width, max_size=40.0, min_size=12.0)
+    scene = make_scene(np.random.default_rng(seed), world, dict(EXAMPLE_CLASSES), width=width)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(scene.image).save(path, "JPEG", quality=95, subsampling=0)
+    return {format_prompt(c, s): n for (c, s), n in sorted(scene.class_counts().items())}
+
+
+def export_demo(run_dir: str | os.PathLike, assets_dir: str | os.PathLike, dtype: str = "float16",
+                source: str = "main") -> dict[str, Any]:
+    """Copy a recipe run's model into `assets_dir`/demo (weights cast to `dtype`, float16 keeps the
+    file under 16 MB; loading casts back to float32) and render `assets_dir`/example.jpg.
+
+    Returns {"folder", "bytes", "example", "counts"}; the example's true counts are also recorded
+    in the demo's config.json under "example".
+    """
+    from safetensors.torch import load_file, save_file
+
+    run_dir, assets_dir = Path(run_dir), Path(assets_dir)
+    source_folder = run_dir / source / "final" if (run_dir / source / "final").is_dir() else run_dir
+    weights, config = source_folder / "model.safetensors", source_folder / "config.json"
+    if not weights.is_file() or not config.is_file():
+        raise CheckpointError(f"{source_folder} holds no trained model (model.safetensors + config.json)")
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise ConfigError(f"export dtype must be float16, bfloat16 or float32, got {dtype!r}")
+    target_dtype = getattr(torch, dtype)
+    state = {k: (v.to(target_dtype) if v.is_floating_point() else v).contiguous()
+             for k, v in load_file(str(weights)).items()}
+    target = assets_dir / "demo"
+    target.mkdir(parents=True, exist_ok=True)
+    counts = render_example(assets_dir / "example.jpg")
+    data = json.loads(config.read_text(encoding="utf-8"))
+    data.pop("training", None)  # the trainer's bookkeeping is not part of the bundled model
+    data["synthetic"] = {**data.get("synthetic", {}), "weights_dtype": dtype}
+    data["example"] = {"file": "example.jpg", "seed": EXAMPLE_SEED, "counts": counts}
+    report = run_dir / REPORT_JSON
+    if report.is_file():
+        results = json.loads(report.read_text(encoding="utf-8")).get("results", {}).get(source, {})
+        data["benchmark"] = {row: {k: r["model"][k] for k in ("mae", "rmse", "nae")}
+                             for row, r in results.items() if isinstance(r, dict) and "model" in r}
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    (target / "config.json").write_text(json.dumps(_json_safe(data), indent=2), encoding="utf-8")
+    for path in (target / "model.safetensors", target / "config.json", assets_dir / "example.jpg"):
+        os.chmod(path, 0o644)  # package data: readable by everyone who installs it
+    size = (target / "model.safetensors").stat().st_size
+    return {"folder": str(target), "bytes": size, "example": str(assets_dir / "example.jpg"), "counts": counts}
+
+
+def model_size_mb(cfg: ClipCountConfig, bytes_per_value: int = 2) -> float:
+    """The size of a checkpoint's weights in MB (float16 by default), without building the model."""
+    from clipcount.modeling.clip_count import ClipCount
+
+    with torch.device("meta"):
+        model = ClipCount(copy.deepcopy(cfg))
+    return sum(v.numel() for v in model.state_dict().values()) * bytes_per_value / 1e6
+
+
+__all__ = [
+    "ABLATIONS",
+    "PRESETS",
+    "Preset",
+    "RecipeState",
+    "Variant",
+    "ablation_variants",
+    "build_on_pretrained",
+    "export_demo",
+    "full_preset",
+    "get_preset",
+    "main_variant",
+    "model_size_mb",
+    "render_example",
+    "run_recipe",
+    "small_preset",
+    "toy_preset",
+    "train_variant",
+]

@@ -1,0 +1,279 @@
+"""The synthetic recipe: training streams keep held-out classes out and are deterministic, captions
+describe the crop, CLIP pretraining resumes and fits a time budget, and the whole recipe runs end to
+end at a toy budget, writing loadable models, a report and a bundle-able demo model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from clipcount.config import CLIPConfig, TextConfig, VisionConfig
+from clipcount.errors import ConfigError
+from clipcount.synthetic.captions import caption_for
+from clipcount.synthetic.prompts import COLOURS, HELD_OUT, SHAPE_PLURALS, parse_prompt
+from clipcount.synthetic.stream import (
+    _CROP_TAG,
+    CaptionStream,
+    CountingStream,
+    crop_scene,
+    mean_training_count,
+    random_crop,
+)
+from clipcount.synthetic.world import WorldConfig, make_scene
+
+# Small scenes keep the stream tests quick; the crop is the window of a 128-pixel-high world.
+WORLD = WorldConfig(height=128, min_width=128, max_width=256, min_size=6.0, max_size=24.0, max_per_class=40)
+CROP = 128
+
+
+# ---- streams ------------------------------------------------------------------------------------
+
+def test_counting_stream_items_have_the_training_format_and_exact_counts():
+    stream = CountingStream(8, seed=3, world=WORLD, crop_size=CROP)
+    for i in range(8):
+        item = stream[i]
+        assert item["image"].shape == (3, CROP, CROP) and item["image"].dtype == torch.float32
+        assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+        assert item["density"].shape == (1, CROP, CROP)
+        assert float(item["density"].sum()) / 60.0 == pytest.approx(item["count"], abs=1e-3)
+        parse_prompt(item["prompt"])  # a valid prompt in any wording
+
+
+def test_streams_never_emit_held_out_classes():
+    counting = CountingStream(200, seed=1, world=WORLD, crop_size=CROP, absent_prob=0.5)
+    captions = CaptionStream(200, context_length=32, seed=1, world=WORLD, crop_size=CROP)
+    for i in range(0, 200, 5):
+        assert not set(counting.scene(i).class_counts()) & HELD_OUT
+        colour, shape = parse_prompt(counting[i]["prompt"])
+        assert colour is None or (colour, shape) not in HELD_OUT
+        assert not _classes_named(captions[i]["caption"]) & HELD_OUT
+
+
+def test_absent_prompts_name_similar_classes_that_are_not_there():
+    stream = CountingStream(64, seed=8, world=WORLD, crop_size=CROP, absent_prob=1.0)
+    zero = 0
+    for i in range(40):
+        scene = stream.scene(i)
+        rng = stream._rng(i, _CROP_TAG)
+        crop = random_crop(scene, rng, CROP)
+        item = stream[i]
+        colour, shape = parse_prompt(item["prompt"])
+        if crop.class_counts() and colour is not None:
+            assert (colour, shape) not in crop.class_counts() and (colour, shape) not in HELD_OUT
+            assert any(colour == c or shape == s for c, s in crop.class_counts())  # a near miss
+            assert item["count"] == 0
+            zero += 1
+    assert zero > 10
+
+
+def test_streams_refuse_a_test_world():
+    with pytest.raises(ConfigError, match="held-out"):
+        CountingStream(4, world=WorldConfig(mode="test"))
+
+
+def test_streams_are_deterministic_and_epochs_differ():
+    a = CountingStream(16, seed=5, world=WORLD, crop_size=CROP, crops_per_scene=2)
+    b = CountingStream(16, seed=5, world=WORLD, crop_size=CROP, crops_per_scene=2)
+    batch = [7, 2, 11, 5]
+    first, second = a.__getitems__(batch), b.__getitems__(batch)
+    for x, y in zip(first, second):
+        assert x["prompt"] == y["prompt"] and x["count"] == y["count"]
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["density"], y["density"])
+    assert torch.equal(a[3]["image"], b[3]["image"])
+    b.set_epoch(1)
+    assert not torch.equal(a[3]["image"], b[3]["image"])
+
+
+def test_crops_per_scene_share_a_scene_within_a_batch():
+    stream = CountingStream(16, seed=2, world=WORLD, crop_size=CROP, crops_per_scene=2)
+    items = stream.__getitems__([4, 9])
+    scene = stream.scene(4)  # the group's scene is seeded by its first index
+    for item in items:
+        # each crop is a window of that scene: find it by matching pixels
+        crop = (item["image"].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+        found = any(np.array_equal(scene.image[:, x : x + CROP], crop) for x in range(scene.width - CROP + 1))
+        assert found
+
+
+def test_crop_scene_keeps_exactly_the_objects_centred_inside():
+    scene = make_scene(11, WorldConfig(max_width=700), {("red", "circle"): 40, ("blue", "square"): 30}, width=700)
+    crop = crop_scene(scene, 150, 0, 384)
+    inside = [o for o in scene.objects if 150 <= o.x < 534]
+    assert len(crop.objects) == len(inside)
+    assert all(0 <= o.x < 384 for o in crop.objects)
+    assert np.array_equal(crop.image, scene.image[:, 150:534])
+    with pytest.raises(ConfigError):
+        crop_scene(scene, scene.width - 100, 0, 384)
+
+
+def test_captions_describe_the_crop_not_the_scene():
+    stream = CaptionStream(400, context_length=32, seed=4, world=WORLD.replace(max_width=384), crop_size=CROP)
+    differing = 0
+    for i in range(60):
+        scene = stream.scene(i)
+        rng = stream._rng(i, _CROP_TAG)
+        crop = random_crop(scene, rng, CROP)  # the crop comes first ...
+        caption = stream[i]["caption"]
+        assert caption == caption_for(crop, rng)  # ... and the item's caption is about it
+        assert _classes_named(caption) == set(crop.class_counts())
+        differing += set(scene.class_counts()) != set(crop.class_counts())
+    assert differing > 0, "no crop left out a class of its scene; the test proves nothing"
+
+
+def _classes_named(caption: str) -> set[tuple[str, str]]:
+    nouns = "|".join(sorted(set(SHAPE_PLURALS) | set(SHAPE_PLURALS.values()), key=len, reverse=True))
+    return {(c, parse_prompt(n)[1]) for c, n in re.findall(rf"\b({'|'.join(COLOURS)}) ({nouns})\b", caption)}
+
+
+def test_mean_training_count_is_deterministic():
+    assert mean_training_count(WORLD, seed=0, n=6) == mean_training_count(WORLD, seed=0, n=6) > 0
+
+
+# ---- CLIP pretraining -----------------------------------------------------------------------------
+
+TINY_CLIP = CLIPConfig(
+    VisionConfig(image_size=32, patch_size=16, width=32, layers=1, heads=2),
+    TextConfig(context_length=32, width=32, layers=1, heads=2),
+    embed_dim=16,
+)
+
+
+def _pretrain_cfg(**changes):
+    from clipcount.synthetic.pretrain import PretrainConfig
+
+    base = PretrainConfig(steps=4, batch_size=4, warmup_steps=2, crop_size=CROP, num_workers=0,
+                          checkpoint_every=2, log_every=1, world=dataclasses.asdict(WORLD))
+    return dataclasses.replace(base, **changes)
+
+
+def test_pretraining_resumes_exactly_after_an_interruption(tmp_path, monkeypatch):
+    from clipcount.synthetic import pretrain
+    from clipcount.synthetic.pretrain import load_clip, pretrain_clip, zero_shot_accuracy
+
+    straight = pretrain_clip(TINY_CLIP, _pretrain_cfg(), tmp_path / "straight", device="cpu", progress=False)
+    assert straight.finished and (tmp_path / "straight" / "final" / "clip.safetensors").is_file()
+
+    real_step, calls = pretrain._step, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the third step
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_clip(TINY_CLIP, _pretrain_cfg(), tmp_path / "resumed", device="cpu", progress=False)
+    monkeypatch.setattr(pretrain, "_step", real_step)
+    resumed = pretrain_clip(TINY_CLIP, _pretrain_cfg(), tmp_path / "resumed", device="cpu", progress=False)
+    assert resumed.step == straight.step == 4
+    a, b = load_clip(tmp_path / "straight"), load_clip(tmp_path / "resumed")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-6), name
+    assert set(zero_shot_accuracy(a, n=2, crop_size=CROP)) == {"seen", "held_out"}
+
+
+def test_timed_pretraining_chooses_its_length(tmp_path):
+    from clipcount.synthetic.pretrain import pretrain_clip
+
+    cfg = _pretrain_cfg(steps=10_000, time_budget_s=0.01, calibration_steps=2, warmup_steps=2)
+    result = pretrain_clip(TINY_CLIP, cfg, tmp_path, device="cpu", progress=False)
+    assert result.finished and result.step < 10_000
+    saved = json.loads((tmp_path / "final" / "clip_config.json").read_text())
+    assert saved["pretraining"]["config"]["steps"] == result.step
+
+
+# ---- presets and the whole recipe -------------------------------------------------------------------
+
+def test_presets_fit_the_bundle_and_validate():
+    from clipcount.synthetic.recipe import ABLATIONS, ablation_variants, get_preset, model_size_mb
+
+    full = get_preset("full")
+    assert model_size_mb(full.model) < 15.5  # float16 bytes; the bundle limit is 16 MB
+    for name in ("small", "full", "toy"):
+        preset = get_preset(name)
+        preset.world_config()
+        names = [v.name for v in ablation_variants(preset)]
+        assert names[-3:] == list(ABLATIONS)
+    with pytest.raises(ConfigError):
+        get_preset("huge")
+
+
+def test_ablations_change_one_thing_each():
+    from clipcount.synthetic.recipe import ablation_variants, main_variant, toy_preset
+
+    preset = toy_preset()
+    main = main_variant(preset)
+    variants = {v.name: v for v in ablation_variants(preset)}
+    assert variants["no_contrastive"].train.contrastive_epochs == 0
+    assert variants["no_contrastive"].total_steps == main.total_steps
+    assert variants["one_scale"].model.interaction.scales == 1
+    assert variants["no_visual_prompts"].model.prompts.visual_layers == 0
+    assert all(v.total_steps == main.total_steps for v in variants.values())
+
+
+def test_recipe_runs_end_to_end_and_exports_a_demo(tmp_path, monkeypatch):
+    """The toy preset with a time budget: steps are measured and recorded, every stage runs."""
+    from clipcount.modeling.checkpoint import load_model
+    from clipcount.synthetic import recipe
+
+    monkeypatch.setattr(recipe, "CALIBRATION_STEPS", 4)
+    monkeypatch.setattr(recipe, "CALIBRATION_SKIP", 1)
+    preset = recipe.toy_preset()
+    preset.time_budget = {"main": 20.0, "ablations": 10.0}
+    payload = recipe.run_recipe(tmp_path / "run", preset, device="cpu", progress=False)
+
+    values = payload["recipe"]["values"]
+    assert values["measured_steps_per_second"] > 0 and values["steps_per_epoch"] >= 1
+    assert not (tmp_path / "run" / "calibration").exists()  # the probe's folder is cleaned up
+    config = json.loads((tmp_path / "run" / "main" / "final" / "config.json").read_text())
+    epochs = preset.train.contrastive_epochs + preset.train.density_epochs
+    assert config["training"]["step"] == values["steps_per_epoch"] * epochs
+    assert config["synthetic"]["train_mean_count"] == pytest.approx(payload["train_mean"])
+    assert payload["train_mean"] > 0
+
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert {"main", "no_contrastive", "one_scale", "no_visual_prompts"} <= set(report["results"])
+    for result in report["results"].values():
+        assert {"seen", "held_out", "fidelity", "shape_only", "singular"} <= set(result)
+    assert set(report["targets"]) == {"held_out", "fidelity", "seen"}
+    model = load_model(tmp_path / "run" / "main" / "final")
+    assert model.count(model(torch.rand(1, 3, 128, 128), ["red circles"])).shape == (1,)
+
+    # a second call finds every stage done and trains nothing
+    again = recipe.run_recipe(tmp_path / "run", preset, device="cpu", progress=False, stages=("main", "ablations"))
+    assert again["stages"]["main"]["done"] and again["values"] == values
+
+    info = recipe.export_demo(tmp_path / "run", tmp_path / "assets")
+    demo = tmp_path / "assets" / "demo"
+    assert (tmp_path / "assets" / "example.jpg").is_file() and info["bytes"] < 16e6
+    exported = load_model(demo)
+    assert next(exported.parameters()).dtype == torch.float32  # stored float16, loaded as float32
+    saved = json.loads((demo / "config.json").read_text())
+    assert "green triangles" in saved["example"]["counts"]  # the example holds a held-out class
+    assert "training" not in saved and saved["synthetic"]["weights_dtype"] == "float16"
+
+
+def test_recipe_refuses_to_mix_presets(tmp_path):
+    from clipcount.synthetic.recipe import RecipeState, small_preset, toy_preset
+
+    RecipeState(tmp_path, toy_preset()).save()
+    with pytest.raises(ConfigError, match="other settings"):
+        RecipeState(tmp_path, small_preset())
+
+
+def test_cli_has_the_synthetic_commands():
+    from clipcount.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["synthetic", "recipe", "out", "--preset", "toy", "--stages", "pretrain,main"])
+    assert args.func.__name__ == "run_recipe_command" and args.preset == "toy"
+    assert parser.parse_args(["synthetic", "pretrain-clip", "out"]).func.__name__ == "run_pretrain_command"
+    assert parser.parse_args(["synthetic", "export-demo", "run"]).func.__name__ == "run_export_command"
+    assert parser.parse_args(["synthetic", "make-dataset", "out", "--n", "2"]).n == 2
+
