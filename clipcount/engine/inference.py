@@ -31,8 +31,16 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | N
     raise ValueError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
 
 
+# On a CPU a few windows already keep the matmul units busy (3 windows of ViT-B/16 are 651 token
+# rows); larger batches only raise peak memory (activations, allocator and oneDNN caches).
+CPU_MAX_BATCH = 4
+
+
 class DensityPredictor:
-    """Counts images of any size with a `ClipCount` model, following the 384-high window protocol."""
+    """Counts images of any size with a `ClipCount` model, following the 384-high window protocol.
+
+    `max_batch`: windows (and window-prompt pairs) per forward pass; at most CPU_MAX_BATCH on a CPU.
+    """
 
     def __init__(self, model: ClipCount, stride: int = 128, max_batch: int = 64,
                  device: str | torch.device | None = None, precision: str = "auto", text_cache_size: int = 1024):
@@ -40,7 +48,7 @@ class DensityPredictor:
         self.autocast_dtype = pick_dtype(self.device, precision)
         self.model = model.to(self.device).eval()
         self.stride = stride
-        self.max_batch = max_batch
+        self.max_batch = min(max_batch, CPU_MAX_BATCH) if self.device.type == "cpu" else max_batch
         self.window = model.config.window_size
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
@@ -100,12 +108,28 @@ class DensityPredictor:
 
         The image is resized to the window height first; count = density.sum() / density_scale.
         """
+        return self.predict_many([image], prompts)[0]
+
+    @torch.inference_mode()
+    def predict_many(self, images: Sequence[torch.Tensor], prompts: Sequence[str]) -> list[list[torch.Tensor]]:
+        """Images [(3, H, W)] -> for each image, one density (window, W') per prompt (as `predict`).
+
+        The windows of all images share forward passes of up to `max_batch` windows: on a GPU a
+        few small images alone would leave most of it idle.
+        """
         text = self.encode_prompts(prompts)
-        resized, _, _ = resize_to_height(image.float(), self.window)
-        plan = plan_windows(self.window, resized.shape[-1], self.window, self.stride)
-        features = self.encode_windows(split_windows(resized, plan))
-        densities = self.decode_windows(features, text)
-        return [merge_windows(d, plan)[0].cpu() for d in densities]
+        plans, windows = [], []
+        for image in images:
+            resized, _, _ = resize_to_height(image.float(), self.window)
+            plans.append(plan_windows(self.window, resized.shape[-1], self.window, self.stride))
+            windows.append(split_windows(resized, plans[-1]))  # (K_i, 3, S, S)
+        densities = self.decode_windows(self.encode_windows(torch.cat(windows)), text)  # (P, sum K_i, 1, S, S)
+        results, first = [], 0
+        for plan in plans:
+            own = densities[:, first : first + plan.num_windows]
+            results.append([merge_windows(d, plan)[0].cpu() for d in own])
+            first += plan.num_windows
+        return results
 
     def count(self, density: torch.Tensor) -> float:
         return float(density.sum()) / self.density_scale

@@ -23,15 +23,20 @@ from torch import nn
 
 from clipcount.config import CLIP_MEAN, CLIP_STD, ClipCountConfig
 from clipcount.errors import PromptError
-from clipcount.modeling.clip import CLIP
+from clipcount.modeling.clip import CLIP, on_meta_device
 from clipcount.modeling.decoder import DensityDecoder
 from clipcount.modeling.interaction import HierarchicalInteraction
 from clipcount.modeling.prompts import TextContext, VisualPrompts
 from clipcount.modeling.tokenizer import ClipTokenizer
 
 
-def sincos_table(length: int, dim: int) -> torch.Tensor:
-    """A fixed 1-D sine-cosine position table (1, length, dim), as in the published model."""
+def sincos_table(length: int, dim: int, shape_only: bool = False) -> torch.Tensor:
+    """A fixed 1-D sine-cosine position table (1, length, dim), as in the published model.
+
+    `shape_only`: an empty tensor of that shape, for models built on the meta device (the table is
+    in every checkpoint, and computing it there would import torch's compiler stack: seconds)."""
+    if shape_only:
+        return torch.empty(1, length, dim)
     half = dim // 2
     freqs = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
     angles = torch.arange(length, dtype=torch.float64)[:, None] * freqs[None]
@@ -52,7 +57,7 @@ class ClipCount(nn.Module):
         self.text_proj = (
             nn.Identity() if config.clip.embed_dim == width else nn.Linear(config.clip.embed_dim, width)
         )
-        self.register_buffer("patch_pos_embed", sincos_table(vision.grid_size**2, width))
+        self.register_buffer("patch_pos_embed", sincos_table(vision.grid_size**2, width, shape_only=on_meta_device()))
         self.interaction = HierarchicalInteraction(config.interaction, config.compat)
         self.decoder = DensityDecoder(config.decoder, width, config.interaction.scales)
         if config.compat:  # present in the published checkpoint, unused in its forward pass

@@ -1,8 +1,12 @@
 """CNN density decoder: interaction maps (coarse to fine) -> one density map at window resolution.
 
 Stage k: [add lateral(map k) when there is a map at this resolution] -> conv3x3 + GroupNorm + GELU ->
-x2 bilinear (all but the last stage). The last stage is resized to the window size, then a 1x1
-convolution and the output activation give non-negative density.
+x2 bilinear (all but the last stage). A 1x1 convolution to one channel, a resize to the window size
+and the output activation then give non-negative density.
+
+The 1x1 convolution runs *before* the final resize: bilinear weights sum to 1, so resizing commutes
+with a per-pixel affine map, and resizing one channel instead of `channels[-1]` (32) to 384x384 is
+the same result for a thirty-second of the work and memory.
 """
 
 from __future__ import annotations
@@ -48,7 +52,11 @@ class DensityDecoder(nn.Module):
         self.final_conv = nn.Sequential(nn.Conv2d(channels[-1], 1, kernel_size=1))
 
     def forward(self, maps: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
-        """maps[k]: (B, C, h * 2**k, w * 2**k) -> density (B, 1, *out_size)."""
+        """maps[k]: (B, C, h * 2**k, w * 2**k) -> density (B, 1, *out_size).
+
+        Runs channels-last (the interaction's maps already are: no copy), which oneDNN and cuDNN
+        convolve faster than the default layout."""
+        maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
         x = maps[0]
         last = len(self.convs) - 1
         for stage, conv in enumerate(self.convs):
@@ -57,5 +65,6 @@ class DensityDecoder(nn.Module):
             x = conv(x)
             if stage < last:
                 x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = self.final_conv(x)  # (B, 1, h, w)
         x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
-        return _ACTIVATIONS[self.activation](self.final_conv(x))
+        return _ACTIVATIONS[self.activation](x)

@@ -51,6 +51,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: (B, N, C) queries; context: (B, T, C) keys and values
+        if context.shape[1] == 1 and not self.training:
+            # One key (CLIP-Count's single text token): every query gives it softmax weight exactly
+            # 1, so each query receives its value; the queries need not be computed at all. (Not in
+            # training, where wq and wk keep getting their zero gradients and weight decay as before.)
+            return self.proj(self.wv(context)).expand(-1, x.shape[1], -1)
         q = _split_heads(self.wq(x), self.heads)
         k = _split_heads(self.wk(context), self.heads)
         v = _split_heads(self.wv(context), self.heads)
@@ -95,11 +100,10 @@ class InteractionBlock(nn.Module):
         return x, grid
 
     def _refine_and_upsample(self, x: torch.Tensor, grid: tuple[int, int]):
-        height, width = grid
-        fmap = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)  # (B, C, h, w)
+        fmap = tokens_to_map(x, grid)  # (B, C, h, w), channels-last
         fmap = fmap + F.gelu(self.conv0(fmap))
         fmap = F.interpolate(fmap, scale_factor=2, mode="bilinear", align_corners=False)
-        return fmap.flatten(2).transpose(1, 2), (2 * height, 2 * width)
+        return map_to_tokens(fmap), (2 * grid[0], 2 * grid[1])
 
 
 class HierarchicalInteraction(nn.Module):
@@ -112,9 +116,23 @@ class HierarchicalInteraction(nn.Module):
         )
 
     def forward(self, patches: torch.Tensor, grid: tuple[int, int], text: torch.Tensor) -> list[torch.Tensor]:
-        """patches (B, N, C) on `grid`, text (B, T, C) -> one map per scale, (B, C, h * 2**k, w * 2**k)."""
+        """patches (B, N, C) on `grid`, text (B, T, C) -> one map per scale, (B, C, h * 2**k, w * 2**k),
+        channels-last."""
         maps, x = [], patches
         for block in self.fim_blocks:
             x, grid = block(x, grid, text)
-            maps.append(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid))
+            maps.append(tokens_to_map(x, grid))
         return maps
+
+
+# Tokens (B, h*w, C) are a channels-last map (B, C, h, w) in memory already: converting either way is
+# a view, and convolutions, GroupNorm and resizing run faster on channels-last maps (oneDNN, cuDNN).
+
+def tokens_to_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, h*w, C) -> (B, C, h, w) in channels-last memory order, without copying contiguous tokens."""
+    return x.reshape(x.shape[0], grid[0], grid[1], x.shape[2]).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(fmap: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h*w, C); a view for channels-last maps."""
+    return fmap.permute(0, 2, 3, 1).reshape(fmap.shape[0], -1, fmap.shape[1])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from clipcount.config import PromptConfig
-from clipcount.modeling.clip import CLIP, VisionTransformer
+from clipcount.modeling.clip import CLIP, VisionTransformer, random_parameter
 
 
 class VisualPrompts(nn.Module):
@@ -69,7 +69,7 @@ class TextContext(nn.Module):
         super().__init__()
         self.num_tokens = cfg.text_context_tokens
         self.compat = compat
-        self.learnable_context = nn.Parameter(0.02 * torch.randn(self.num_tokens, width))
+        self.learnable_context = random_parameter(self.num_tokens, width, scale=0.02)
 
     def token_length(self, context_length: int) -> int:
         """How many token ids the tokenizer should produce for one prompt."""

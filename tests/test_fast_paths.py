@@ -1,0 +1,193 @@
+"""Every fast inference path gives the plain float32 path's answer.
+
+The plain path is the model called on one window and one prompt at a time (`model(window, [prompt])`
+through `windows.count_image`); the fast path is `DensityPredictor`: windows batched (and windows of
+several images batched together), the image encoded once for all prompts, text embeddings cached,
+and the decoder's final 1x1 convolution moved before its last resize.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipcount.config import tiny_config
+from clipcount.engine.inference import CPU_MAX_BATCH, DensityPredictor
+from clipcount.engine.windows import count_image
+from clipcount.modeling.clip_count import ClipCount
+from clipcount.modeling.decoder import _ACTIVATIONS
+
+PROMPTS = ["apples", "red cars", "people", "green triangles"]
+WINDOW = 64  # the tiny model's window
+STRIDE = WINDOW // 3
+
+
+def make_model(compat: bool = False) -> ClipCount:
+    torch.manual_seed(0)
+    return ClipCount(tiny_config(compat)).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> ClipCount:
+    return make_model()
+
+
+def image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(3, height, width, generator=torch.Generator().manual_seed(seed))  # (3, H, W)
+
+
+def plain_density(model: ClipCount, img: torch.Tensor, prompt: str, stride: int = STRIDE) -> torch.Tensor:
+    """(window, W'): one window and one prompt per forward pass, float32, no caching."""
+    density, _ = count_image(img, lambda w: model(w, [prompt] * w.shape[0]), WINDOW, stride, max_batch=1)
+    return density[0]
+
+
+def assert_same_counts(fast: list[torch.Tensor], plain: list[torch.Tensor]) -> None:
+    for ours, theirs in zip(fast, plain):
+        assert ours.shape == theirs.shape
+        count, reference = float(ours.sum()), float(theirs.sum())
+        assert abs(count - reference) <= 0.005 * abs(reference), (count, reference)
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+
+
+@pytest.mark.parametrize("compat", [False, True])
+@pytest.mark.parametrize("size", [(64, 40), (64, 64), (80, 150), (50, 160)])
+def test_predictor_counts_equal_the_plain_path(size, compat):
+    model = make_model(compat)
+    img = image(*size, seed=size[1])
+    # max_batch 4: windows and (prompt, window) pairs are split over several forward passes
+    predictor = DensityPredictor(model, stride=STRIDE, max_batch=4, device="cpu", precision="fp32")
+    fast = predictor.predict(img, PROMPTS[:3])
+    assert_same_counts(fast, [plain_density(model, img, prompt) for prompt in PROMPTS[:3]])
+
+
+def test_windows_of_many_images_share_forward_passes(model):
+    images = [image(64, 64, 1), image(100, 300, 2), image(64, 30, 3)]
+    predictor = DensityPredictor(model, stride=STRIDE, max_batch=5, device="cpu", precision="fp32")
+    together = predictor.predict_many(images, PROMPTS[:2])
+    assert len(together) == 3 and all(len(per_image) == 2 for per_image in together)
+    for img, densities in zip(images, together):
+        assert_same_counts(densities, [plain_density(model, img, prompt) for prompt in PROMPTS[:2]])
+
+
+def test_the_image_is_encoded_once_for_all_prompts(model, monkeypatch):
+    predictor = DensityPredictor(model, stride=STRIDE, max_batch=64, device="cpu", precision="fp32")
+    calls = []
+    encode = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda windows: calls.append(windows.shape[0]) or encode(windows))
+    predictor.predict(image(64, 160), PROMPTS)
+    # the six windows of a 64x160 image, each encoded once for all four prompts, in passes of at
+    # most CPU_MAX_BATCH windows (on a GPU: one pass)
+    assert sum(calls) == 6 and len(calls) == math.ceil(6 / CPU_MAX_BATCH)
+
+
+def test_text_embeddings_are_cached(model, monkeypatch):
+    predictor = DensityPredictor(model, device="cpu", precision="fp32", text_cache_size=2)
+    encoded = []
+    encode = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda prompts: encoded.append(list(prompts)) or encode(prompts))
+    first = predictor.encode_prompts(["apples", "cars", "apples"])
+    second = predictor.encode_prompts(["cars", "apples"])
+    assert encoded == [["apples", "cars"]]  # duplicates once, repeats never
+    assert torch.equal(first[1], second[0]) and torch.equal(first[0], first[2])
+    predictor.encode_prompts(["people"])  # a third prompt evicts the least recently used ("cars")
+    predictor.encode_prompts(["apples", "cars"])
+    assert encoded[1:] == [["people"], ["cars"]]
+    with torch.no_grad():
+        assert torch.allclose(second, encode(["cars", "apples"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [40, 64, 150, 250])
+def test_strides_give_the_same_shapes(model, width):
+    """stride == window (no overlap, fewest windows) and the default stride: same output grid."""
+    img = image(64, width, seed=width)
+    densities = {}
+    for stride in (STRIDE, WINDOW):
+        predictor = DensityPredictor(model, stride=stride, max_batch=8, device="cpu", precision="fp32")
+        densities[stride] = predictor.predict(img, PROMPTS[:2])
+        assert_same_counts(densities[stride], [plain_density(model, img, p, stride) for p in PROMPTS[:2]])
+    for overlapped, tiled in zip(densities[STRIDE], densities[WINDOW]):
+        assert overlapped.shape == tiled.shape == (WINDOW, width)
+        assert torch.isfinite(tiled).all() and (tiled >= 0).all()
+    if width <= WINDOW:  # one window either way: identical
+        assert torch.equal(densities[STRIDE][0], densities[WINDOW][0])
+
+
+def test_decoder_resizes_after_its_final_convolution_exactly(model):
+    """conv1x1 then resize == resize then conv1x1 (bilinear weights sum to 1): the old order, by hand."""
+    decoder = model.decoder
+    torch.manual_seed(1)
+    maps = [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 16, 16)]
+    with torch.no_grad():
+        x = maps[0]
+        for stage, conv in enumerate(decoder.convs):
+            if 1 <= stage < len(maps):
+                x = x + decoder.laterals[stage - 1](maps[stage])
+            x = conv(x)
+            if stage < len(decoder.convs) - 1:
+                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=(64, 96), mode="bilinear", align_corners=False)
+        old = _ACTIVATIONS[decoder.activation](decoder.final_conv(x))
+        new = decoder(maps, (64, 96))
+    assert torch.allclose(new, old, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_predictor_stays_close_to_float32(model):
+    img = image(64, 150, seed=7)
+    fp32 = DensityPredictor(model, stride=STRIDE, device="cpu", precision="fp32").predict(img, PROMPTS[:2])
+    bf16 = DensityPredictor(model, stride=STRIDE, device="cpu", precision="bf16").predict(img, PROMPTS[:2])
+    for ours, reference in zip(bf16, fp32):
+        assert ours.dtype == torch.float32
+        assert abs(float(ours.sum()) - float(reference.sum())) <= 0.03 * float(reference.sum())
+
+
+def test_cross_attention_to_one_token_is_its_value():
+    """The inference shortcut for a single text token equals full attention (what training runs)."""
+    from clipcount.modeling.interaction import CrossAttention
+
+    torch.manual_seed(0)
+    attention = CrossAttention(16, heads=2)  # dropout 0: training mode is plain full attention
+    x, text = torch.randn(3, 10, 16), torch.randn(3, 1, 16)
+    with torch.no_grad():
+        full = attention.train()(x, text)
+        shortcut = attention.eval()(x, text)
+    assert shortcut.shape == full.shape == (3, 10, 16)
+    assert torch.allclose(shortcut, full, atol=1e-6)
+
+
+def test_quick_gelu_mlp_folds_its_scale_into_the_matmuls():
+    from clipcount.modeling.clip import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(16, 64, "quick_gelu")
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    fused = mlp(x)  # (B, L, C)
+    plain = mlp.c_proj(mlp.gelu(mlp.c_fc(x)))
+    assert torch.allclose(fused, plain, atol=1e-6)
+    (grad_fused,) = torch.autograd.grad(fused.sum(), x)
+    (grad_plain,) = torch.autograd.grad(plain.sum(), x)
+    assert torch.allclose(grad_fused, grad_plain, atol=1e-6)
+
+
+def test_building_on_the_meta_device_imports_no_compiler():
+    """Loading a checkpoint builds the model on the meta device; random ops there would import
+    torch._dynamo and sympy (seconds of cold start)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from clipcount.config import ClipCountConfig\n"
+        "from clipcount.modeling.clip_count import ClipCount\n"
+        "with torch.device('meta'):\n"
+        "    ClipCount(ClipCountConfig())\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parents[1]  # the repository: clipcount importable without installing
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
