@@ -116,10 +116,11 @@ def make_test_set(seed: int = DEFAULT_SEED, n: int = DEFAULT_N, world: WorldConf
 # ---- counting -------------------------------------------------------------------------------------
 
 def load_checkpoint(source: str | Path):
-    """A clipcount checkpoint folder -> (model, its config.json as a dict)."""
-    from clipcount.modeling.checkpoint import load_model, read_config, resolve_checkpoint
+    """A clipcount checkpoint folder or model name ("demo") -> (model, its config.json as a dict)."""
+    from clipcount.modeling.checkpoint import load_model, read_config
+    from clipcount.models import resolve_model
 
-    folder = resolve_checkpoint(source)
+    folder = resolve_model(source)
     _, data = read_config(folder)
     return load_model(folder), data
 
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Count freshly generated synthetic test scenes with a checkpoint (and ablations) "
         "and print MAE/RMSE/NAE against two baselines.",
     )
-    parser.add_argument("--model", required=True, help="clipcount checkpoint folder (the main model)")
+    parser.add_argument("--model", required=True, help="clipcount checkpoint folder or model name, e.g. demo (the main model)")
     parser.add_argument("--ablations", nargs="*", default=[], metavar="DIR",
                         help="more checkpoint folders, each reported under its folder name")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"test seed (default {DEFAULT_SEED})")
