@@ -2,8 +2,10 @@
 
 The plain path is the model called on one window and one prompt at a time (`model(window, [prompt])`
 through `windows.count_image`); the fast path is `DensityPredictor`: windows batched (and windows of
-several images batched together), the image encoded once for all prompts, text embeddings cached,
-and the decoder's final 1x1 convolution moved before its last resize.
+several images batched together), the image encoded once for all prompts, text embeddings cached.
+Inside the model: the decoder's final 1x1 convolution before its last resize, channels-last maps,
+cross-attention to one text token as its value, QuickGELU as one SiLU; and building on the meta
+device (checkpoint loading) without importing torch's compiler.
 """
 
 from __future__ import annotations

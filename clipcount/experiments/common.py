@@ -123,7 +123,7 @@ BUDGETS: dict[str, Budget] = {
         visual_tokens=4, interaction_width=64, interaction_heads=4, decoder_channels=(32, 16, 16, 8),
         decoder_groups=4,
         batch_size=8, epoch_steps=25, contrastive_epochs=1, density_epochs=5, lr=3e-3, workers=1, density_sigma=3.0,
-        test_scenes=60, fsc_images=100, stride=None, similarity_images=48, latency_repeats=5,
+        test_scenes=30, fsc_images=100, stride=None, similarity_images=48, latency_repeats=5,
         count_bins=(1, 6, 21, 61, 121, 251), separations=(1.0, 0.6, 0.35, 0.15, 0.0), stride_divisors=(1, 2, 3, 4),
     ),
     "full": Budget(
