@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-import platform
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from clipcount.environment import machine_info
 
 
 def format_cell(value: Any) -> str:
@@ -30,21 +29,6 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
     text = "\n".join(lines)
     print(text, flush=True)
     return text
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:

@@ -26,13 +26,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
 import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from clipcount.environment import machine_info
 
 from clipcount.errors import ConfigError
 
@@ -340,21 +341,6 @@ def compact_json(data: dict[str, Any]) -> str:
     """A dict as JSON with one line per top-level key (short enough to read, exact enough to reuse)."""
     body = ",\n".join(f" {json.dumps(str(k))}: {json.dumps(v, default=str)}" for k, v in data.items())
     return "{\n" + body + "\n}"
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def command_line(argv: list[str] | None) -> str:
