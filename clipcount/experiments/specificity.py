@@ -183,4 +183,9 @@ def synthetic_findings(table: list[dict], ambiguity: dict) -> list[str]:
     out.append(f"Unseen words: {len(worse)} of {len(unseen)} raise the error over the trained wording "
                "(a small synthetic CLIP has never read these words; a real CLIP has, so this row tests the "
                "text tower, not the method).")
+    means = [r["mean predicted"] for r in table]
+    if max(means) - min(means) < 0.05 * max(abs(np.mean(means)), 1e-9):
+        out.append(f"The count hardly depends on the prompt: the mean prediction is {min(means):.2f} to "
+                   f"{max(means):.2f} for every wording, an absent class included, so this model counts what is "
+                   "there rather than what is named, and the wording rows above cannot tell wordings apart.")
     return out
