@@ -90,16 +90,21 @@ class DensityPredictor:
 
     @torch.inference_mode()
     def decode_windows(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (K, N, C) x text (P, 1, E) -> densities (P, K, 1, S, S), all pairs batched."""
+        """Patch tokens (K, N, C) x text (P, 1, E) -> densities (P, K, 1, S, S), all pairs batched.
+
+        What no prompt changes (`shared_features`) is computed once per window, not once per pair.
+        """
         windows, prompts = features.shape[0], text.shape[0]
         pairs = [(p, k) for p in range(prompts) for k in range(windows)]
         outputs = []
         with self._autocast():
+            shared = torch.cat([self.model.shared_features(features[first : first + self.max_batch])
+                                for first in range(0, windows, self.max_batch)])  # (K, N, C)
             for first in range(0, len(pairs), self.max_batch):
                 chunk = pairs[first : first + self.max_batch]
-                feats = features[[k for _, k in chunk]]
+                feats = shared[[k for _, k in chunk]]
                 texts = text[[p for p, _ in chunk]]
-                outputs.append(self.model.density_from_features(feats, texts, (self.window, self.window)).float())
+                outputs.append(self.model.density_from_shared(feats, texts, (self.window, self.window)).float())
         return torch.cat(outputs).view(prompts, windows, 1, self.window, self.window)
 
     @torch.inference_mode()

@@ -54,6 +54,7 @@ class TrainedModel:
     total: int  # all parameters
     folder: Path | None
     cached: bool
+    cpu_seconds: float = float("nan")  # CPU time of the training process (data workers not included)
 
 
 # ---- the CLIP -----------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def trained(ctx: RunContext, variant: Variant) -> TrainedModel:
         if loaded is not None:
             ctx.log(f"variant {variant.label!r}: using the cached model {folder}")
             result = TrainedModel(variant.label, loaded, info["seconds"], info["steps"], info["trainable"],
-                                  info["total"], folder, True)
+                                  info["total"], folder, True, info.get("cpu_seconds", float("nan")))
             record_variant(ctx, variant, result, cfg)
             return result
     ctx.log(f"variant {variant.label!r}: training {cfg.contrastive_epochs}+{cfg.density_epochs} epochs of "
@@ -213,17 +214,19 @@ def trained(ctx: RunContext, variant: Variant) -> TrainedModel:
 
     model = build(ctx, variant, clip)
     data = training_data(ctx, cfg, model.config.window_size)
+    cpu_started = time.process_time()  # this process's CPU time: a cost measure that shared cores do not skew
     run = train(model, data, cfg, folder, device=ctx.device, distributed=False, progress=ctx.progress)
     model.eval()
     info = {"label": variant.label, "seconds": round(run.seconds, 2), "steps": run.step,
             "trainable": model.num_trainable_parameters(), "total": sum(p.numel() for p in model.parameters()),
-            "final_loss": run.losses[-1] if run.losses else None}
+            "final_loss": run.losses[-1] if run.losses else None,
+            "cpu_seconds": round(time.process_time() - cpu_started, 2)}
     from clipcount.engine.metrics import write_json_atomic
 
     write_json_atomic(info, info_path)
     ctx.log(f"variant {variant.label!r}: {run.step} steps in {run.seconds:.0f} s, last loss {info['final_loss']}")
     result = TrainedModel(variant.label, model, info["seconds"], run.step, info["trainable"], info["total"],
-                          folder, False)
+                          folder, False, info["cpu_seconds"])
     record_variant(ctx, variant, result, cfg)
     return result
 
@@ -248,6 +251,7 @@ def record_variant(ctx: RunContext, variant: Variant, result: TrainedModel, cfg:
         "model_config": result.model.config.to_dict(),
         "train_config": dataclasses.asdict(cfg),
         "train_seconds": result.seconds,
+        "train_cpu_seconds": result.cpu_seconds,
         "steps": result.steps,
         "trainable_parameters": result.trainable,
         "cached": result.cached,

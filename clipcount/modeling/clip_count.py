@@ -128,9 +128,19 @@ class ClipCount(nn.Module):
 
     def interaction_maps(self, patch_tokens: torch.Tensor, text: torch.Tensor) -> list[torch.Tensor]:
         """Patch tokens (B, N, Cv), text (B, 1, E) -> maps (B, C, g * 2**k, g * 2**k), one per scale."""
+        return self.maps_from_shared(self.shared_features(patch_tokens), text)
+
+    def shared_features(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, Cv) -> (B, N, C): the start of the interaction that no prompt changes
+        (projection, positions, the first self-attention); computed once per window for all prompts."""
         grid = int(math.isqrt(patch_tokens.shape[1]))
         x = self.patch_feat_proj(patch_tokens) + self.patch_pos_embed.to(patch_tokens.dtype)
-        return self.interaction(x, (grid, grid), self.text_proj(text))
+        return self.interaction.start(x, (grid, grid))
+
+    def maps_from_shared(self, shared: torch.Tensor, text: torch.Tensor) -> list[torch.Tensor]:
+        """`shared_features` (B, N, C), text (B, 1, E) -> the maps of `interaction_maps`."""
+        grid = int(math.isqrt(shared.shape[1]))
+        return self.interaction.finish(shared, (grid, grid), self.text_proj(text))
 
     def decode(self, maps: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
         return self.decoder(maps, out_size)
@@ -139,10 +149,16 @@ class ClipCount(nn.Module):
         self, patch_tokens: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int] | None = None
     ) -> torch.Tensor:
         """Patch tokens (B, N, Cv), text (B, 1, E) or (1, 1, E) -> density (B, 1, H, W)."""
-        if text.shape[0] == 1 and patch_tokens.shape[0] > 1:
-            text = text.expand(patch_tokens.shape[0], -1, -1)
+        return self.density_from_shared(self.shared_features(patch_tokens), text, out_size)
+
+    def density_from_shared(
+        self, shared: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """`shared_features` (B, N, C), text (B, 1, E) or (1, 1, E) -> density (B, 1, H, W)."""
+        if text.shape[0] == 1 and shared.shape[0] > 1:
+            text = text.expand(shared.shape[0], -1, -1)
         size = out_size or (self.config.window_size, self.config.window_size)
-        return self.decode(self.interaction_maps(patch_tokens, text), size)
+        return self.decode(self.maps_from_shared(shared, text), size)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] and B prompts -> density (B, 1, H, W)."""

@@ -92,12 +92,19 @@ class InteractionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], text: torch.Tensor):
         """x (B, N, C) on `grid`, text (B, T, C) -> (x (B, N', C), grid')."""
+        x, grid = self.attend_patches(x, grid)
+        return self.attend_text(x, text), grid
+
+    def attend_patches(self, x: torch.Tensor, grid: tuple[int, int]):
+        """The text-independent first half: [refine and double the map,] self-attention."""
         if self.upsample:
             x, grid = self._refine_and_upsample(x, grid)
-        x = x + self.selfattn(self.norm0(x))
+        return x + self.selfattn(self.norm0(x)), grid
+
+    def attend_text(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The second half: cross-attention to the text (B, T, C), then the MLP."""
         x = x + self.attn(self.norm1(x), text)
-        x = x + self.mlp(self.norm2(x))
-        return x, grid
+        return x + self.mlp(self.norm2(x))
 
     def _refine_and_upsample(self, x: torch.Tensor, grid: tuple[int, int]):
         fmap = tokens_to_map(x, grid)  # (B, C, h, w), channels-last
@@ -118,9 +125,20 @@ class HierarchicalInteraction(nn.Module):
     def forward(self, patches: torch.Tensor, grid: tuple[int, int], text: torch.Tensor) -> list[torch.Tensor]:
         """patches (B, N, C) on `grid`, text (B, T, C) -> one map per scale, (B, C, h * 2**k, w * 2**k),
         channels-last."""
-        maps, x = [], patches
-        for block in self.fim_blocks:
-            x, grid = block(x, grid, text)
+        return self.finish(self.start(patches, grid), grid, text)
+
+    def start(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """patches (B, N, C) -> (B, N, C): block 0's self-attention, which no prompt changes (one
+        image counted for many prompts runs it once)."""
+        return self.fim_blocks[0].attend_patches(patches, grid)[0]
+
+    def finish(self, x: torch.Tensor, grid: tuple[int, int], text: torch.Tensor) -> list[torch.Tensor]:
+        """`start`'s output (B, N, C) on `grid`, text (B, T, C) -> the maps of `forward`."""
+        maps = []
+        for index, block in enumerate(self.fim_blocks):
+            if index > 0:
+                x, grid = block.attend_patches(x, grid)
+            x = block.attend_text(x, text)
             maps.append(tokens_to_map(x, grid))
         return maps
 
