@@ -89,9 +89,9 @@ class Settings:
     folder_images: int = 64
     mae_scenes: int = 24
     gpu_repeats: int = 10
-    gpu_batches: tuple[int, ...] = (32, 64, 128)
+    gpu_batches: tuple[int, ...] = (32, 64, 128, 256)
     gpu_images: int = 42  # 384x576 images per predict_many call: 126 windows
-    train_batch: int = 32
+    train_batch: int = 64
     smoke: bool = False
 
     @classmethod
@@ -610,7 +610,7 @@ def gpu_section(subject: Subject, device: torch.device, settings: Settings, resu
     uncompile(model)  # the float32 reference below runs eager
     bf16_agreement(model, predictor, images[:4], device, results, name)
     del predictor, model
-    training_case(subject, device, settings, results, ceiling)
+    training_case(subject, device, settings, results, ceiling, use_compile)
 
 
 def maybe_compile(model: ClipCount, use_compile: bool, first_call: Callable[[], Any], results: Results) -> str:
@@ -687,8 +687,9 @@ def bf16_agreement(model: ClipCount, predictor: DensityPredictor, images: list[t
 
 
 def training_case(subject: Subject, device: torch.device, settings: Settings, results: Results,
-                  ceiling: float) -> None:
-    """Training steps: forward, density MSE, backward, AdamW on the trainable parameters, bf16 autocast."""
+                  ceiling: float, use_compile: bool = False) -> None:
+    """Training steps: forward, density MSE, backward, AdamW on the trainable parameters, bf16 autocast
+    (the model's image and density calls compiled with `use_compile`)."""
     model = subject.load().to(device).train()
     window, batch = model.config.window_size, settings.train_batch
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
@@ -704,7 +705,8 @@ def training_case(subject: Subject, device: torch.device, settings: Settings, re
         optimizer.step()
 
     step()  # creates the optimizer state
-    flops = count_flops(step)
+    flops = count_flops(step)  # on the eager model
+    compile_note = maybe_compile(model, use_compile, step, results)
     reset_peak(device)
     timing = measure(step, device, settings.gpu_repeats, warmup=2)
     share = fraction(flops, timing.median, ceiling)
@@ -712,7 +714,8 @@ def training_case(subject: Subject, device: torch.device, settings: Settings, re
                     batch / timing.median, flops / batch / 1e9, share, peak_mb=gpu_peak_mb(device),
                     target=f">= {TARGET_GPU_TRAINING_FRACTION:.0%} of ceiling" if subject.has_targets else "",
                     ok=share >= TARGET_GPU_TRAINING_FRACTION if subject.has_targets else None,
-                    note="forward + backward + AdamW, text encoded per sample; eager"))
+                    note=f"forward + backward + AdamW, text encoded per sample; {compile_note}"))
+    uncompile(model)
 
 
 def reset_peak(device: torch.device) -> None:

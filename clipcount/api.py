@@ -45,7 +45,7 @@ class CountResult:
     """One prompt counted in one image. Everything is in the image's own pixel grid."""
 
     prompt: str
-    count: float  # density.sum() / density_scale
+    count: float  # density.sum() / density_scale, floored at 0
     density: np.ndarray = field(repr=False)  # (H, W) float32, objects per pixel * density_scale
     points: np.ndarray = field(repr=False)  # (K, 2) float (x, y), pixel centres at integers; K = round(count)
     # (height, width) of the image as counted: the original size, except for images larger than

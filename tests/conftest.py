@@ -12,15 +12,20 @@ from PIL import Image
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A clipcount checkpoint folder of a randomly initialised tiny model (64-pixel windows)."""
+    """A clipcount checkpoint folder of a randomly initialised tiny model (64-pixel windows), its
+    density head started at a small positive density (as training starts it) so that counts are
+    positive and vary a little with the image, as a trained model's do."""
     import torch
 
     from clipcount.config import tiny_config
+    from clipcount.engine.head_init import init_density_head
     from clipcount.modeling.checkpoint import save_model
     from clipcount.modeling.clip_count import ClipCount
 
     torch.manual_seed(0)
-    return save_model(ClipCount(tiny_config()), tmp_path_factory.mktemp("tiny-checkpoint"))
+    model = ClipCount(tiny_config())
+    init_density_head(model, 0.05)
+    return save_model(model, tmp_path_factory.mktemp("tiny-checkpoint"))
 
 
 @pytest.fixture(scope="session")

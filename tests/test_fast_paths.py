@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from clipcount.config import tiny_config
+from clipcount.engine.head_init import init_density_head
 from clipcount.engine.inference import CPU_MAX_BATCH, DensityPredictor
 from clipcount.engine.windows import count_image
 from clipcount.modeling.clip_count import ClipCount
@@ -29,8 +30,13 @@ STRIDE = WINDOW // 3
 
 
 def make_model(compat: bool = False) -> ClipCount:
+    """A random tiny model; the default (linear) head starts at a small positive density, as training
+    starts it, so that counts are well away from 0 and relative tolerances mean something."""
     torch.manual_seed(0)
-    return ClipCount(tiny_config(compat)).eval()
+    model = ClipCount(tiny_config(compat))
+    if not compat:
+        init_density_head(model, 0.05)
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +120,7 @@ def test_strides_give_the_same_shapes(model, width):
         assert_same_counts(densities[stride], [plain_density(model, img, p, stride) for p in PROMPTS[:2]])
     for overlapped, tiled in zip(densities[STRIDE], densities[WINDOW]):
         assert overlapped.shape == tiled.shape == (WINDOW, width)
-        assert torch.isfinite(tiled).all() and (tiled >= 0).all()
+        assert torch.isfinite(tiled).all()
     if width <= WINDOW:  # one window either way: identical
         assert torch.equal(densities[STRIDE][0], densities[WINDOW][0])
 

@@ -137,4 +137,6 @@ class DensityPredictor:
         return results
 
     def count(self, density: torch.Tensor) -> float:
-        return float(density.sum()) / self.density_scale
+        """The density's sum / density_scale, floored at 0: a linear output head can sum slightly
+        below 0 where there is nothing to count, and no one has -0.2 apples."""
+        return max(0.0, float(density.sum()) / self.density_scale)

@@ -8,11 +8,13 @@ readable, with machine facts, written atomically).
 Budgets fix everything that decides cost: the synthetic world's image size, the CLIP architecture
 and its pretraining, the CLIP-Count sizes, the training steps and the number of test scenes.
 - toy: seconds, for tests; the numbers mean nothing.
-- small: each experiment in under 15 minutes on 2 CPU cores (not counting the one shared CLIP
-  pretraining, cached); small images (128 pixels high), a small CLIP, 150 steps of 8 per model.
-  Two concessions to so short a run, both count-preserving: ground-truth Gaussians of sigma 3 px
-  instead of 1 (a peaky target is learnt far more slowly from an 8x8 patch grid) and a learning
-  rate of 3e-3.
+- small: each experiment in under 15 minutes on 2 quiet CPU cores (not counting the one shared CLIP
+  pretraining, cached); small images (128 pixels high), a small CLIP, 600 steps of 8 per model.
+  Concessions to so short a run: ground-truth Gaussians of sigma 3 px instead of 1 (a peaky target
+  is learnt far more slowly from an 8x8 patch grid; counts are the same), and an easier world (one
+  class per scene, 12-24 px shapes, up to 30 per class, no blur or noise). In the default world no
+  variant learned anything within this budget (measured: NAE at or above the training mean's for
+  every arm, 150 to 900 steps, learning rates 3e-4 to 3e-3), so no comparison meant anything.
 - full: for a GPU; the world at its native 384-pixel height, a mid-size CLIP (4000 pretraining
   steps of 256, about 30 minutes on an H200), 6000 training steps of 32 per variant (about 20
   minutes each), 300 test scenes per set.
@@ -71,6 +73,7 @@ class Budget:
     lr: float
     workers: int
     density_sigma: float  # ground-truth Gaussian width, pixels (the paper: 1 at 384-pixel windows)
+    absent_prob: float  # share of synthetic training prompts naming a class absent from the crop (target 0)
     # evaluation
     test_scenes: int  # synthetic scenes per test set
     fsc_images: int | None  # FSC-147 images evaluated per split (None: all)
@@ -112,20 +115,27 @@ BUDGETS: dict[str, Budget] = {
         visual_tokens=2, interaction_width=16, interaction_heads=2, decoder_channels=(16, 8, 8, 8),
         decoder_groups=4,
         batch_size=2, epoch_steps=1, contrastive_epochs=1, density_epochs=1, lr=1e-3, workers=0, density_sigma=1.0,
+        absent_prob=0.2,
         test_scenes=2, fsc_images=2, stride=None, similarity_images=2, latency_repeats=1,
         count_bins=(1, 5, 20), separations=(1.0, 0.0), stride_divisors=(1, 2),
     ),
     "small": Budget(
         name="small",
-        world=dict(height=128, min_width=128, max_width=384, min_size=6.0, max_size=28.0, max_per_class=250),
+        # One class per scene (as in most FSC-147 images), shapes of about a patch, no image effects:
+        # in the default world (up to 4 classes, 6-28 px, 250 per class) no arm learned anything at
+        # this budget (every NAE at or above the training mean's); here the paper's model does.
+        world=dict(height=128, min_width=128, max_width=384, min_size=12.0, max_size=24.0, max_per_class=30,
+                   classes_per_scene=(1, 1), effects=False),
         vision=dict(image_size=128, patch_size=16, width=96, layers=4, heads=4),
         text=dict(context_length=32, width=64, layers=2, heads=2),
         embed_dim=64, pretrain_steps=400, pretrain_batch=32, pretrain_lr=1e-3,
         visual_tokens=4, interaction_width=64, interaction_heads=4, decoder_channels=(32, 16, 16, 8),
         decoder_groups=4,
-        batch_size=8, epoch_steps=25, contrastive_epochs=1, density_epochs=5, lr=3e-3, workers=1, density_sigma=3.0,
+        batch_size=8, epoch_steps=30, contrastive_epochs=2, density_epochs=18, lr=1e-3, workers=1, density_sigma=3.0,
+        absent_prob=0.2,
         test_scenes=30, fsc_images=100, stride=None, similarity_images=48, latency_repeats=5,
-        count_bins=(1, 6, 21, 61, 121, 251), separations=(1.0, 0.6, 0.35, 0.15, 0.0), stride_divisors=(1, 2, 3, 4),
+        # trained on at most 30 per class: the upper bins ask how far counting extrapolates
+        count_bins=(1, 4, 11, 31, 61, 121), separations=(1.0, 0.6, 0.35, 0.15, 0.0), stride_divisors=(1, 2, 3, 4),
     ),
     "full": Budget(
         name="full",
@@ -136,7 +146,7 @@ BUDGETS: dict[str, Budget] = {
         visual_tokens=10, interaction_width=256, interaction_heads=4, decoder_channels=(256, 128, 64, 32),
         decoder_groups=8,
         batch_size=32, epoch_steps=200, contrastive_epochs=3, density_epochs=27, lr=1e-4, workers=8,
-        density_sigma=1.0,
+        density_sigma=1.0, absent_prob=0.2,
         test_scenes=300, fsc_images=None, stride=None, similarity_images=200, latency_repeats=20,
         count_bins=(1, 6, 21, 61, 121, 251), separations=(1.0, 0.6, 0.35, 0.15, 0.0),
         stride_divisors=(1, 2, 3, 4),

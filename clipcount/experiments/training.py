@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from clipcount.config import ClipCountConfig, DecoderConfig, InteractionConfig, PromptConfig, TrainConfig
+from clipcount.engine.head_init import HEAD_INIT_FRACTION
 from clipcount.errors import CheckpointError, ConfigError
 from clipcount.experiments.common import RunContext
 from clipcount.modeling.clip_count import ClipCount
@@ -210,10 +211,12 @@ def trained(ctx: RunContext, variant: Variant) -> TrainedModel:
             return result
     ctx.log(f"variant {variant.label!r}: training {cfg.contrastive_epochs}+{cfg.density_epochs} epochs of "
             f"{ctx.budget.epoch_steps} steps (batch {cfg.batch_size}) into {folder}")
+    from clipcount.engine.head_init import start_density_head
     from clipcount.engine.train import train
 
     model = build(ctx, variant, clip)
     data = training_data(ctx, cfg, model.config.window_size)
+    start_density_head(model, data)  # a short run cannot afford to unlearn the default start (head_init.py)
     cpu_started = time.process_time()  # this process's CPU time: a cost measure that shared cores do not skew
     run = train(model, data, cfg, folder, device=ctx.device, distributed=False, progress=ctx.progress)
     model.eval()
@@ -236,10 +239,12 @@ def model_key(ctx: RunContext, variant: Variant, clip: str) -> str:
     config dataclasses, so that a new field with a default elsewhere does not invalidate the cache."""
     budget = ctx.budget
     sizes = ("visual_tokens", "interaction_width", "interaction_heads", "decoder_channels", "decoder_groups",
-             "batch_size", "epoch_steps", "contrastive_epochs", "density_epochs", "lr", "world", "density_sigma")
+             "batch_size", "epoch_steps", "contrastive_epochs", "density_epochs", "lr", "world", "density_sigma",
+             "absent_prob")
     return _hash({
         "variant": [variant.model, variant.train], "budget": {k: getattr(budget, k) for k in sizes},
-        "deep_layers": budget.deep_layers, "seed": ctx.seed, "data": ctx.data, "root": str(ctx.root),
+        "deep_layers": budget.deep_layers, "head_init": HEAD_INIT_FRACTION, "seed": ctx.seed, "data": ctx.data,
+        "root": str(ctx.root),
         "clip": str(Path(clip).resolve()) if Path(clip).exists() else clip,
     })
 
@@ -331,7 +336,7 @@ def training_data(ctx: RunContext, cfg: TrainConfig, window: int) -> torch.utils
 
         world = WorldConfig(**ctx.budget.world, mode="train")
         return CountingStream(length, seed=cfg.seed, world=world, crop_size=window, crops_per_scene=2,
-                              density_sigma=cfg.density_sigma)
+                              density_sigma=cfg.density_sigma, absent_prob=ctx.budget.absent_prob)
     from clipcount.data import TrainingDataset, build_dataset
 
     base = build_dataset("fsc147", ctx.root, "train")

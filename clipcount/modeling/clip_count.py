@@ -167,8 +167,9 @@ class ClipCount(nn.Module):
         return self.density_from_features(self.encode_image(images), self.encode_text(prompts), images.shape[-2:])
 
     def count(self, density: torch.Tensor) -> torch.Tensor:
-        """Density (B, 1, H, W) -> counts (B,)."""
-        return density.sum(dim=(1, 2, 3)) / self.config.density_scale
+        """Density (B, 1, H, W) -> counts (B,): sums / density_scale, floored at 0 (a linear head can
+        sum slightly below 0 where there is nothing to count)."""
+        return (density.sum(dim=(1, 2, 3)) / self.config.density_scale).clamp(min=0)
 
 
 def check_images(images: torch.Tensor) -> None:

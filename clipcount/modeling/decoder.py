@@ -2,7 +2,7 @@
 
 Stage k: [add lateral(map k) when there is a map at this resolution] -> conv3x3 + GroupNorm + GELU ->
 x2 bilinear (all but the last stage). A 1x1 convolution to one channel, a resize to the window size
-and the output activation then give non-negative density.
+and the output activation (linear by default, see DecoderConfig.activation) then give the density.
 
 The 1x1 convolution runs *before* the final resize: bilinear weights sum to 1, so resizing commutes
 with a per-pixel affine map, and resizing one channel instead of `channels[-1]` (32) to 384x384 is

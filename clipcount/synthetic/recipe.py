@@ -57,6 +57,7 @@ from clipcount.config import (
     VisionConfig,
 )
 from clipcount.errors import CheckpointError, ClipCountError, ConfigError
+from clipcount.engine.head_init import start_density_head
 from clipcount.synthetic.pretrain import PretrainConfig, read_clip
 from clipcount.synthetic.world import WorldConfig
 
@@ -75,9 +76,6 @@ DENSITY_SIGMA = 2.0
 # shape with one present: without such prompts a model is rewarded for counting whatever is there,
 # and the first bundled model counted the dominant class of the prompt-fidelity scenes.
 ABSENT_PROB = 0.2
-# The density head starts at this fraction of the mean target density: a softplus output decays
-# only slowly towards 0, so starting at the mean left a floor that added ~15 objects to every scene.
-HEAD_INIT_FRACTION = 1 / 16
 
 
 # ---- presets --------------------------------------------------------------------------------------
@@ -342,41 +340,6 @@ def build_on_pretrained(model_cfg: ClipCountConfig, clip_folder: str | os.PathLi
     return model
 
 
-def mean_target_density(stream, n: int = 32) -> float:
-    """The mean pixel of the density maps of the stream's first `n` items (deterministic)."""
-    items = stream.__getitems__(list(range(min(n, len(stream)))))
-    return float(np.mean([float(item["density"].mean()) for item in items]))
-
-
-def init_density_head(model, density: float, weight_scale: float = 0.1) -> bool:
-    """Start the density output near `density` everywhere (a small share of the mean target).
-
-    Freshly initialised, the decoder's last 1x1 convolution outputs values of order 0.3 per pixel,
-    thousands of objects per window, against a mean target near 0.01; AdamW moves a bias by about
-    the learning rate per step, so undoing that takes over a thousand steps of a short budget. Here
-    its weights are scaled down and its bias set so that the output activation gives `density`.
-    Returns False (and changes nothing) if the decoder has no such convolution.
-    """
-    from torch import nn
-
-    head = getattr(model.decoder, "final_conv", None)
-    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)] if head is not None else []
-    if not convs or convs[-1].bias is None:
-        return False
-    target = torch.tensor(max(density, 1e-6))
-    activation = model.config.decoder.activation
-    if activation == "softplus":
-        bias = target + torch.log(-torch.expm1(-target))  # softplus^-1
-    elif activation == "sigmoid":
-        bias = torch.logit(target.clamp(max=0.5))
-    else:  # relu, identity: the value itself
-        bias = target
-    with torch.no_grad():
-        convs[-1].weight.mul_(weight_scale)
-        convs[-1].bias.fill_(float(bias))
-    return True
-
-
 def synthetic_extra(preset: Preset, variant: str, train_mean: float | None) -> dict[str, Any]:
     """What config.json says about a recipe model under "synthetic" (read by the benchmark)."""
     from clipcount.synthetic.prompts import HELD_OUT, format_prompt
@@ -423,7 +386,7 @@ def train_variant(spec: dict[str, Any]) -> dict[str, Any]:
                             density_sigma=train_cfg.density_sigma, density_scale=model_cfg.density_scale,
                             absent_prob=spec.get("absent_prob", 0.0))
     # (replaced by the checkpoint's weights when resuming)
-    init_density_head(model, HEAD_INIT_FRACTION * mean_target_density(stream))
+    start_density_head(model, stream)
     result = train(model, stream, train_cfg, out, resume=spec.get("resume", True), device=spec.get("device"),
                    distributed=False, progress=spec.get("progress", True))
     add_extra(out / FINAL, spec["extra"])

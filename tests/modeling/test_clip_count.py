@@ -26,8 +26,22 @@ def images(batch=2, size=64):
 def test_contract_density_per_image_and_count(model):
     density = model(images(), ["car", "red circles"])
     assert density.shape == (2, 1, 64, 64)
+    assert torch.allclose(model.count(density), (density.sum(dim=(1, 2, 3)) / 60).clamp(min=0))
+
+
+def test_counts_are_floored_at_zero(model):
+    below = torch.full((1, 1, 8, 8), -0.01)
+    assert model.count(below).item() == 0.0
+    assert model.count(-below).item() > 0
+
+
+@pytest.mark.parametrize("activation", ["softplus", "sigmoid", "relu"])
+def test_bounded_activations_give_non_negative_density(activation):
+    cfg = tiny_config()
+    cfg.decoder.activation = activation
+    torch.manual_seed(0)
+    density = ClipCount(cfg).eval()(images(), ["car", "red circles"])
     assert (density >= 0).all()
-    assert torch.allclose(model.count(density), density.sum(dim=(1, 2, 3)) / 60)
 
 
 def test_encoders_are_reusable_for_many_prompts(model):
