@@ -31,6 +31,7 @@ from clipcount.experiments.scenes import (
     fsc_scenes,
     pairs,
     synthetic_scenes,
+    test_world,
 )
 from clipcount.experiments.training import loaded_baseline
 from clipcount.synthetic.prompts import SHAPES, format_prompt, parse_prompt
@@ -84,8 +85,11 @@ def flip_number(name: str) -> str:
 def run(ctx: RunContext) -> Report:
     baseline = loaded_baseline(ctx)
     if ctx.synthetic:
+        # Two to four classes in every scene, whatever the training world had (the small budget trains on
+        # one class per scene, like most FSC-147 images): a wording can only pick a class out of a crowd
+        # that holds other classes, some sharing its colour or shape.
         scenes = synthetic_scenes(ctx, make_seen_scene, 2 * ctx.budget.test_scenes, tag=40, rows=synthetic_rows,
-                                  kind="seen")
+                                  world=test_world(ctx, classes_per_scene=(2, 4)), kind="seen")
         rows = ROWS
     else:
         scenes = fsc_scenes(ctx, "test", ctx.budget.fsc_images)
