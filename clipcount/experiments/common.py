@@ -133,7 +133,7 @@ BUDGETS: dict[str, Budget] = {
         decoder_groups=4,
         batch_size=8, epoch_steps=30, contrastive_epochs=2, density_epochs=18, lr=1e-3, workers=1, density_sigma=3.0,
         absent_prob=0.2,
-        test_scenes=30, fsc_images=100, stride=None, similarity_images=48, latency_repeats=5,
+        test_scenes=100, fsc_images=100, stride=None, similarity_images=48, latency_repeats=5,
         # trained on at most 30 per class: the upper bins ask how far counting extrapolates
         count_bins=(1, 4, 11, 31, 61, 121), separations=(1.0, 0.6, 0.35, 0.15, 0.0), stride_divisors=(1, 2, 3, 4),
     ),
