@@ -9,6 +9,9 @@ EXAMPLES = """examples:
   clipcount experiments contrastive --out runs/exp/contrastive --budget small
   clipcount experiments scales --out runs/exp/scales --budget small
 
+  # three seeds: each seed's report in OUT/seed-S, tables as mean ± std in OUT/report.md
+  clipcount experiments contrastive --out runs/exp/contrastive-3 --budget small --seeds 0,1,2
+
   # the full preset, for a GPU
   clipcount experiments tuning --out runs/exp-full/tuning --budget full --device cuda
 
@@ -41,8 +44,11 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="folder for report.md, results.json and the plots")
     parser.add_argument("--budget", default="small", choices=("toy", "small", "full"),
                         help="toy: seconds (tests); small: < 15 min on 2 CPU cores (default); full: a GPU")
-    parser.add_argument("--seed", type=int, default=0, help="training and CLIP pretraining seed (default 0); "
-                        "test scenes use 10000000 + seed")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="training and CLIP pretraining seed (default 0); "
+                       "test scenes use 10000000 + seed")
+    seeds.add_argument("--seeds", metavar="LIST", help="several seeds, e.g. 0,1,2 or 0-4: each seed's report in "
+                       "OUT/seed-S, and OUT/report.md with every table as mean ± std over the seeds")
     parser.add_argument("--data", default="synthetic", choices=("synthetic", "fsc147"),
                         help="the synthetic world (default) or FSC-147 (needs --root)")
     parser.add_argument("--root", help="the FSC-147 folder, with --data fsc147")
@@ -63,10 +69,19 @@ def run(args: argparse.Namespace) -> int:
     from clipcount.experiments import run_experiment
     from clipcount.experiments.common import command_line
 
-    report = run_experiment(
-        args.name, args.out, budget=args.budget, seed=args.seed, data=args.data, root=args.root, model=args.model,
-        clip=args.clip, cache=args.cache, device=args.device, progress=not args.no_progress,
-        command=command_line(None),
-    )
+    options = dict(budget=args.budget, data=args.data, root=args.root, model=args.model, clip=args.clip,
+                   device=args.device, progress=not args.no_progress, command=command_line(None))
+    if args.seeds is None:
+        report = run_experiment(args.name, args.out, seed=args.seed, cache=args.cache, **options)
+    else:
+        from pathlib import Path
+
+        from clipcount.experiments.seeds import parse_seeds, run_seeds
+
+        out = Path(args.out)
+        # the cache a single run with --out OUT would use, so that seed runs share it with single runs
+        cache = args.cache or out.resolve().parent / ".clipcount-experiments-cache"
+        report = run_seeds(lambda seed, folder: run_experiment(args.name, folder, seed=seed, cache=cache, **options),
+                           out, parse_seeds(args.seeds))
     print(f"report: {report}")
     return 0
