@@ -1,10 +1,12 @@
 """The paper's experiments and its open questions, one command each.
 
-    clipcount experiments NAME --out DIR [--budget toy|small|full] [--seed S]
+    clipcount experiments NAME --out DIR [--budget toy|small|full] [--seed S | --seeds 0,1,2]
                           [--data fsc147 --root DIR] [--model CKPT] [--clip DIR]
 
 Each writes DIR/report.md (tables, PNG plots, findings, seeds and configuration) and
-DIR/results.json. On the synthetic world by default; on FSC-147 with `--data fsc147`.
+DIR/results.json. On the synthetic world by default; on FSC-147 with `--data fsc147`. With
+`--seeds`, each seed's run goes to DIR/seed-S and DIR/report.md shows the tables as mean ± std
+(seeds.py).
 
     contrastive     with and without the patch-text contrastive stage
     scales          the interaction module with 1, 2 (the paper) and 3 scales
