@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from clipcount.data import TrainingDataset, build_dataset
     from clipcount.data.augment import AugmentConfig
     from clipcount.engine.distributed import current_context, shutdown
+    from clipcount.engine.head_init import start_density_head
     from clipcount.engine.train import LAST, find_checkpoint, train
     from clipcount.errors import ConfigError
 
@@ -122,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
     augment = AugmentConfig(mosaic_prob=cfg.mosaic_prob, augment_prob=cfg.augment_prob)
     dataset = TrainingDataset(base, crop_size=model.config.window_size, augment_cfg=augment,
                               density_sigma=cfg.density_sigma, density_scale=model.config.density_scale, seed=cfg.seed)
+    resuming = args.resume and find_checkpoint(Path(args.out), LAST) is not None
+    if not resuming and not args.init:  # a new density head: start it near 0 (engine/head_init.py)
+        start_density_head(model, dataset)
     result = train(model, dataset, cfg, args.out, resume=args.resume, device=args.device,
                    progress=not args.no_progress)
     ctx = current_context()
