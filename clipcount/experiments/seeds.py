@@ -9,8 +9,9 @@ stage was 55% worse at seed 0 and 22% better at seed 1), so a single run cannot 
     OUT/results.json      the same: per cell the mean, std and the value of every seed
 
 Rows are matched across seeds by their text cells that recur from seed to seed (variant, set,
-...; an example prompt that changes with the seed is shown as the first seed's); a row missing
-from some seed is aggregated over the seeds that have it, and says so in its "seeds" column.
+...; an example prompt that changes with the seed is shown as the first seed's), and by number
+cells where text alone repeats within a table (a stride sweep); a row missing from some seed is
+aggregated over the seeds that have it, and says so in its "seeds" column.
 """
 
 from __future__ import annotations
@@ -79,6 +80,20 @@ def label_columns(tables: Sequence[dict[str, Any]], columns: Sequence[str]) -> l
     return labels
 
 
+def with_numeric_labels(tables: Sequence[dict[str, Any]], columns: Sequence[str], labels: list[str]) -> list[str]:
+    """Add number columns to the labels, in column order, while some table has two rows with the same
+    label (a stride sweep: one variant, rows told apart by their "stride")."""
+    def unique(chosen: list[str]) -> bool:
+        return all(len({row_key(r, chosen) for r in t["rows"]}) == len(t["rows"]) for t in tables)
+
+    for column in columns:
+        if unique(labels):
+            break
+        if column not in labels:
+            labels = labels + [column]
+    return [c for c in columns if c in labels]
+
+
 def row_key(row: dict[str, Any], labels: Sequence[str]) -> tuple:
     return tuple((c, row.get(c)) for c in labels)
 
@@ -86,7 +101,7 @@ def row_key(row: dict[str, Any], labels: Sequence[str]) -> tuple:
 def aggregate_table(tables: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
     """The same table from several seeds -> one table: per numeric cell mean, std and values."""
     columns = list(tables[0]["columns"])
-    labels = label_columns(tables, columns)
+    labels = with_numeric_labels(tables, columns, label_columns(tables, columns))
     order: list[tuple] = []
     cells: dict[tuple, dict[str, dict[int, float]]] = {}
     present: dict[tuple, list[int]] = {}
@@ -97,10 +112,10 @@ def aggregate_table(tables: Sequence[dict[str, Any]], seeds: Sequence[int]) -> d
             if key not in cells:
                 order.append(key)
                 cells[key], present[key] = {}, []
-                texts[key] = {c: row[c] for c in columns if is_text(row.get(c))}  # the first seed's
+                texts[key] = {c: row[c] for c in columns if is_text(row.get(c)) or c in labels}  # first seed's
             present[key].append(seed)
             for column in columns:
-                if is_number(row.get(column)):
+                if column not in labels and is_number(row.get(column)):
                     cells[key].setdefault(column, {})[seed] = float(row[column])
     rows = []
     for key in order:

@@ -61,3 +61,13 @@ def test_the_command_runs_seeds_and_writes_the_summary(tmp_path: Path, capsys):
     # a second call reuses the finished seed runs
     assert main(args) == 0
     assert "using the finished run" in capsys.readouterr().out
+
+
+def test_rows_told_apart_by_a_number_stay_apart():
+    """A stride sweep: one variant, one row per stride; strides are labels, not averaged."""
+    sweep = [{"title": "sweep", "columns": ["variant", "stride", "MAE"], "note": "",
+              "rows": [{"variant": "paper", "stride": stride, "MAE": stride / 10 + seed}
+                       for stride in (128, 64, 32)]} for seed in (0, 1)]
+    merged = aggregate_table(sweep, [0, 1])
+    assert [r["stride"] for r in merged["rows"]] == [128, 64, 32]
+    assert merged["rows"][0]["MAE"]["mean"] == pytest.approx(12.8 + 0.5)
