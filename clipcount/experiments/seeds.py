@@ -132,7 +132,7 @@ def aggregate_table(tables: Sequence[dict[str, Any]], seeds: Sequence[int]) -> d
 
 def format_summary_cell(value: Any, all_seeds: Sequence[int]) -> str:
     if isinstance(value, dict) and "mean" in value:
-        if value["std"] == 0.0:
+        if value["std"] <= 1e-9 * max(1.0, abs(value["mean"])):  # the same every seed (up to rounding)
             return format_cell(value["mean"])
         return f"{format_cell(value['mean'])} ± {format_cell(value['std'])}"
     if isinstance(value, list):  # the seeds that have the row
