@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset.strip().lower().replace("_", "-") == "fsc147-s":
         raise ConfigError("FSC-147-S has counts only, no object points, so it cannot train a density map; "
                           "evaluate on it with `clipcount eval --dataset fsc147-s`")
-    if not args.resume and find_checkpoint(Path(args.out), LAST) is not None:
+    earlier_run = find_checkpoint(Path(args.out), LAST) is not None
+    if earlier_run and not args.resume:
         raise ConfigError(f"{args.out} already holds a training run; add --resume to continue it, or choose another --out")
     model_section, train_section = read_config_file(args.config) if args.config else ({}, {})
     cfg = make_train_config(train_section, args)
@@ -123,8 +124,7 @@ def run(args: argparse.Namespace) -> int:
     augment = AugmentConfig(mosaic_prob=cfg.mosaic_prob, augment_prob=cfg.augment_prob)
     dataset = TrainingDataset(base, crop_size=model.config.window_size, augment_cfg=augment,
                               density_sigma=cfg.density_sigma, density_scale=model.config.density_scale, seed=cfg.seed)
-    resuming = args.resume and find_checkpoint(Path(args.out), LAST) is not None
-    if not resuming and not args.init:  # a new density head: start it near 0 (engine/head_init.py)
+    if not earlier_run and not args.init:  # a new density head: start it near 0 (engine/head_init.py)
         start_density_head(model, dataset)
     result = train(model, dataset, cfg, args.out, resume=args.resume, device=args.device,
                    progress=not args.no_progress)

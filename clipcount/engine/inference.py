@@ -137,6 +137,6 @@ class DensityPredictor:
         return results
 
     def count(self, density: torch.Tensor) -> float:
-        """The density's sum / density_scale, floored at 0: a linear output head can sum slightly
-        below 0 where there is nothing to count, and no one has -0.2 apples."""
-        return max(0.0, float(density.sum()) / self.density_scale)
+        """A merged density map (..., H, W) -> its count, by the model's own rule (ClipCount.count:
+        sum / density_scale, floored at 0)."""
+        return float(self.model.count(density.reshape(1, 1, *density.shape[-2:]))[0])

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from clipcount.errors import ConfigError
-from clipcount.experiments.common import REPORT_FILE, RESULTS_FILE, format_cell
+from clipcount.experiments.common import REPORT_FILE, RESULTS_FILE, Table, format_cell
 
 SEED_FOLDER = "seed-{}"
 
@@ -122,9 +123,9 @@ def aggregate_table(tables: Sequence[dict[str, Any]], seeds: Sequence[int]) -> d
         row: dict[str, Any] = dict(texts[key])
         for column, values in cells[key].items():
             numbers = list(values.values())
-            mean = sum(numbers) / len(numbers)
-            std = math.sqrt(sum((v - mean) ** 2 for v in numbers) / (len(numbers) - 1)) if len(numbers) > 1 else 0.0
-            row[column] = {"mean": mean, "std": std, "values": {str(s): v for s, v in values.items()}}
+            std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0  # sample standard deviation
+            row[column] = {"mean": statistics.fmean(numbers), "std": std,
+                           "values": {str(s): v for s, v in values.items()}}
         row["seeds"] = present[key]
         rows.append(row)
     return {"title": tables[0]["title"], "columns": columns + ["seeds"], "rows": rows, "note": tables[0].get("note", "")}
@@ -151,12 +152,9 @@ def summary_markdown(results: Sequence[dict[str, Any]], seeds: Sequence[int], ta
     for seed, result in zip(seeds, results):
         lines += [f"Seed {seed}:", ""] + [f"- {f}" for f in result["findings"]] + [""]
     lines += ["## Tables over the seeds", ""]
-    for table in tables:
-        lines += [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |",
-                  "|" + "|".join("---" for _ in table["columns"]) + "|"]
-        for row in table["rows"]:
-            lines.append("| " + " | ".join(format_summary_cell(row.get(c), seeds) for c in table["columns"]) + " |")
-        lines += [""] + ([table["note"], ""] if table.get("note") else [])
+    for table in tables:  # cells formatted here, laid out by the single-run report's Table
+        rows = [{c: format_summary_cell(row.get(c), seeds) for c in table["columns"]} for row in table["rows"]]
+        lines += [Table(table["title"], table["columns"], rows, table.get("note", "")).markdown(), ""]
     seconds = sum(float(r["run"].get("seconds", 0) or 0) for r in results)
     lines += ["## Runs", "", f"- {len(seeds)} runs, {seconds:.0f} s in all (models trained by an earlier run "
               "are reused from the cache and not counted again)"]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from clipcount.config import ClipCountConfig, DecoderConfig, InteractionConfig, PromptConfig, TrainConfig
-from clipcount.engine.head_init import HEAD_INIT_FRACTION
+from clipcount.engine.head_init import HEAD_INIT_FRACTION, start_density_head
 from clipcount.errors import CheckpointError, ConfigError
 from clipcount.experiments.common import RunContext
 from clipcount.modeling.clip_count import ClipCount
@@ -211,7 +211,6 @@ def trained(ctx: RunContext, variant: Variant) -> TrainedModel:
             return result
     ctx.log(f"variant {variant.label!r}: training {cfg.contrastive_epochs}+{cfg.density_epochs} epochs of "
             f"{ctx.budget.epoch_steps} steps (batch {cfg.batch_size}) into {folder}")
-    from clipcount.engine.head_init import start_density_head
     from clipcount.engine.train import train
 
     model = build(ctx, variant, clip)

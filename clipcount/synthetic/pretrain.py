@@ -151,17 +151,8 @@ def load_clip(folder: str | os.PathLike, device: str | torch.device = "cpu") -> 
     return clip.to(device).eval()
 
 
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Replace folder `target` by `tmp` with renames only, so a kill never leaves half a checkpoint."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _save_checkpoint(out_dir: Path, name: str, clip: CLIP, optimizer, step: int, cfg: PretrainConfig) -> Path:
+    from clipcount.engine.train import swap_in
     from clipcount.engine.trainer_state import save_trainer_state
 
     tmp = out_dir / f".{name}.tmp"
@@ -169,7 +160,7 @@ def _save_checkpoint(out_dir: Path, name: str, clip: CLIP, optimizer, step: int,
     save_clip(clip, tmp, extra={"pretraining": {"step": step, "config": asdict(cfg)}})
     if optimizer is not None:
         save_trainer_state(tmp, {"step": step, "optimizer": optimizer.state_dict(), "config": asdict(cfg)})
-    _swap_in(tmp, out_dir / name)
+    swap_in(tmp, out_dir / name)  # renames only: a kill never leaves half a checkpoint
     return out_dir / name
 
 
