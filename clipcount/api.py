@@ -114,17 +114,21 @@ class Counter:
         max_batch: int = 64,
         limits: ImageLimits = ImageLimits(),
         min_distance: int = 3,
+        windowing: str | None = None,
     ):
         """stride: pixels between windows (default a third of the window, the published protocol's
-        128 for 384); min_distance: pixels between object points in the model's 384-high grid."""
+        128 for 384); min_distance: pixels between object points in the model's 384-high grid;
+        windowing: "clipcount" or "published" (default: what the model's config says; converted
+        published checkpoints say "published")."""
         precision = _check_precision(precision)
         device = _check_device(device)
         window = model.config.window_size
         stride = max(1, window // 3) if stride is None else stride
         if not 0 < stride <= window:
             raise ConfigError(f"stride must be between 1 and the model's window size {window}, not {stride}")
+        check_windowing(windowing or model.config.windowing, stride, window)
         self.predictor = DensityPredictor(model, stride=stride, max_batch=max_batch, device=device,
-                                          precision=precision)
+                                          precision=precision, windowing=windowing)
         self.limits = limits
         self.min_distance = min_distance
         self.synthetic_only = False  # set by from_pretrained for the demo model: not for real photos
@@ -242,6 +246,17 @@ def _prefetched(
 def _settle(source: Any, future: Future) -> tuple[Any, np.ndarray | None, str | None]:
     pixels, error = future.result()
     return source, pixels, error
+
+
+def check_windowing(windowing: str, stride: int, window: int) -> None:
+    """ConfigError unless `windowing` is known and works with `stride` (published: stride divides the window)."""
+    from clipcount.engine.windows import WINDOWINGS
+
+    if windowing not in WINDOWINGS:
+        raise ConfigError(f"unknown windowing {windowing!r}; use one of {', '.join(WINDOWINGS)}")
+    if windowing == "published" and window % stride:
+        raise ConfigError(f"the published windowing needs a stride that divides the window {window} "
+                          f"(e.g. {window // 3}), not {stride}; change --stride or use --windowing clipcount")
 
 
 def _check_precision(precision: str) -> str:

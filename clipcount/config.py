@@ -109,6 +109,11 @@ class ClipCountConfig:
     # Reproduce the published code's behaviour (end-of-text index, prompt-layer indexing, text
     # truncation, sigmoid output, unused parameters). Only for the converted published checkpoint.
     compat: bool = False
+    # How whole images are cut into windows and blended back by default (engine/windows.py):
+    # "clipcount" (windows end at the border, linear blending) or "published" (the published
+    # evaluation's padding and sigmoid blending; converted published checkpoints use it so that
+    # their published scores are reproduced). Counting and evaluation can override it.
+    windowing: Literal["clipcount", "published"] = "clipcount"
 
     def __post_init__(self) -> None:
         if self.compat:

@@ -62,9 +62,13 @@ def register(subparsers) -> None:
                         "(and in an interrupted run's journal)")
     parser.add_argument("--model", default="demo",
                         help="model name, clipcount checkpoint folder or Hugging Face hub id (default: demo, "
-                        "the bundled model trained on synthetic shapes)")
+                        "the bundled model trained on synthetic shapes; published: the released CLIP-Count, "
+                        "for real photos, downloaded and converted on first use)")
     parser.add_argument("--stride", type=int, default=None,
                         help="pixels between sliding windows (default: a third of the window, 128 for 384)")
+    parser.add_argument("--windowing", choices=("clipcount", "published"), default=None,
+                        help="how whole images are cut into windows and blended: clipcount's, or the published "
+                        "evaluation's; default: the model's (published for the published model)")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="auto: bf16 on a GPU, fp32 on the CPU")
@@ -214,7 +218,7 @@ def load_counter(args, device: str | None = None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DemoModelWarning)
         counter = Counter.from_pretrained(args.model, device=device or args.device, precision=args.precision,
-                                          stride=args.stride)
+                                          stride=args.stride, windowing=getattr(args, "windowing", None))
     for warning in caught:
         if issubclass(warning.category, DemoModelWarning):
             _note(str(warning.message))

@@ -28,7 +28,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True,
-                        help="clipcount checkpoint folder, hub id, or model name (e.g. demo)")
+                        help="clipcount checkpoint folder, hub id, or model name (demo, or published: the released "
+                        "CLIP-Count, downloaded and converted on first use)")
     parser.add_argument("--dataset", required=True,
                         help="fsc147, fsc147-s, carpk, shanghaitech (with --part), shanghaitech-a, shanghaitech-b, folder")
     parser.add_argument("--root", required=True,
@@ -41,6 +42,10 @@ def register(subparsers) -> None:
     parser.add_argument("--annotations", help="points file for --dataset folder")
     parser.add_argument("--stride", type=int, default=None,
                         help="pixels between windows (default: a third of the window, 128 for 384 as published)")
+    parser.add_argument("--windowing", choices=("clipcount", "published"), default=None,
+                        help="how whole images are cut into windows and blended: clipcount's, or the published "
+                        "evaluation's (zero padding to a multiple of the stride, sigmoid blending); default: the "
+                        "model's (published for converted published checkpoints)")
     parser.add_argument("--out", help="folder for predictions.csv and summary.json")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable or inconsistent images with a warning")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(resolve_model(args.model))
     device = None if args.device == "auto" else args.device
     report = evaluate(model, dataset, stride=args.stride, out_dir=args.out, progress=not args.no_progress,
-                      device=device, precision=args.precision, max_batch=args.batch, skip_bad=args.skip_bad)
+                      device=device, precision=args.precision, max_batch=args.batch, skip_bad=args.skip_bad,
+                      windowing=args.windowing)
     print(report.table())
     if report.summary_json is not None:
         print(f"wrote {report.predictions_csv} and {report.summary_json}")

@@ -29,7 +29,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="demo",
-                        help="model name, clipcount checkpoint folder or Hugging Face hub id (default: demo)")
+                        help="model name, clipcount checkpoint folder or Hugging Face hub id (default: demo; "
+                        "published: the released CLIP-Count, downloaded and converted on first use)")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
@@ -38,6 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
                         help=f"requests that may wait while one is counted (default {DEFAULT_QUEUE_SIZE})")
     parser.add_argument("--stride", type=int, default=None, help="pixels between sliding windows")
+    parser.add_argument("--windowing", choices=("clipcount", "published"), default=None,
+                        help="how whole images are cut into windows and blended: clipcount's, or the published "
+                        "evaluation's; default: the model's (published for the published model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.set_defaults(func=run)

@@ -78,6 +78,7 @@ class EvalReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
     stride: int = 128
     window: int = 384
+    windowing: str = "clipcount"  # engine.windows scheme used
     seconds: float = 0.0
     predictions_csv: Path | None = None
     summary_json: Path | None = None
@@ -89,7 +90,8 @@ class EvalReport:
             "overall": self.overall.to_dict(),
             "per_class": {name: m.to_dict() for name, m in self.per_class.items()},
             "published": {name: {"mae": mae, "rmse": rmse} for name, (mae, rmse) in self.published.items()},
-            "protocol": {"window": self.window, "stride": self.stride, "image_height": self.window},
+            "protocol": {"window": self.window, "stride": self.stride, "image_height": self.window,
+                         "windowing": self.windowing},
             "skipped": [{"image": name, "reason": reason} for name, reason in self.skipped],
             "seconds": round(self.seconds, 3),
         }
@@ -121,6 +123,7 @@ def evaluate(
     skip_bad: bool = False,
     published_key: str | None = None,
     name: str | None = None,
+    windowing: str | None = None,
 ) -> EvalReport:
     """Count every sample of `dataset` (CountingSamples) with `model` and score the counts.
 
@@ -129,6 +132,8 @@ def evaluate(
     images that fail to load, with a warning, instead of stopping. `published_key` picks the
     published scores to show (default: guessed from the dataset, e.g. "fsc147/test").
     `predictor` replaces the DensityPredictor built from `model` (tests, custom pipelines).
+    `windowing`: "clipcount" or "published" (default: the model's config; converted published
+    checkpoints use "published", the published evaluation, to reproduce its scores).
     """
     from clipcount.data.augment import to_landscape
 
@@ -139,7 +144,11 @@ def evaluate(
         window = model.config.window_size
         stride = stride or max(1, window // 3)
         _check_stride(stride, window)
-        predictor = DensityPredictor(model, stride=stride, max_batch=max_batch, device=device, precision=precision)
+        from clipcount.api import check_windowing
+
+        check_windowing(windowing or model.config.windowing, stride, window)
+        predictor = DensityPredictor(model, stride=stride, max_batch=max_batch, device=device, precision=precision,
+                                     windowing=windowing)
     window = int(getattr(predictor, "window", 0) or 0)
     stride = stride or getattr(predictor, "stride", None) or max(1, window // 3)
     dataset_name = str(getattr(dataset, "dataset_name", type(dataset).__name__))
@@ -177,6 +186,7 @@ def evaluate(
         skipped=skipped,
         stride=int(stride),
         window=window,
+        windowing=str(getattr(predictor, "windowing", "clipcount")),
     )
     report.seconds = time.time() - started
     if out_dir is not None:

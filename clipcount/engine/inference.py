@@ -40,10 +40,16 @@ class DensityPredictor:
     """Counts images of any size with a `ClipCount` model, following the 384-high window protocol.
 
     `max_batch`: windows (and window-prompt pairs) per forward pass; at most CPU_MAX_BATCH on a CPU.
+    `windowing`: "clipcount" or "published" (engine.windows); default: the model's config says
+    (converted published checkpoints say "published", to reproduce the published evaluation).
     """
 
     def __init__(self, model: ClipCount, stride: int = 128, max_batch: int = 64,
-                 device: str | torch.device | None = None, precision: str = "auto", text_cache_size: int = 1024):
+                 device: str | torch.device | None = None, precision: str = "auto", text_cache_size: int = 1024,
+                 windowing: str | None = None):
+        self.windowing = windowing or model.config.windowing
+        window = model.config.window_size
+        plan_windows(window, window, window, stride, self.windowing)  # a bad stride or scheme fails here, not later
         self.device = pick_device(device)
         self.autocast_dtype = pick_dtype(self.device, precision)
         self.model = model.to(self.device).eval()
@@ -126,7 +132,7 @@ class DensityPredictor:
         plans, windows = [], []
         for image in images:
             resized, _, _ = resize_to_height(image.float(), self.window)
-            plans.append(plan_windows(self.window, resized.shape[-1], self.window, self.stride))
+            plans.append(plan_windows(self.window, resized.shape[-1], self.window, self.stride, self.windowing))
             windows.append(split_windows(resized, plans[-1]))  # (K_i, 3, S, S)
         densities = self.decode_windows(self.encode_windows(torch.cat(windows)), text)  # (P, sum K_i, 1, S, S)
         results, first = [], 0

@@ -20,6 +20,15 @@ Choices made here, and why:
 - Resolution. The density returned is at the resized resolution (height == window). Its sum is the
   image's density mass whatever the original size, since density is mass per pixel at the resolution
   the model saw; `resize_density` maps it to another size (e.g. the original image) keeping its sum.
+
+The published evaluation windowing (scheme "published") is kept as an option because the published
+scores can only be reproduced with it: the width is right-padded with zeros (black) by
+`stride - W % stride` columns (a full stride when W is already a multiple), windows start at
+0, stride, 2 * stride, ... over the padded canvas, and the windows are folded in left to right: the
+columns a window shares with the canvas so far are blended with weights sigmoid(linspace(-3, 3,
+window - stride)) for the incoming window, the rest of it is copied, and the result is cropped back to
+W. Later windows thus weigh more in every overlap whatever the content, and the blank strip is seen
+by the model; it needs a stride that divides the window (128 for 384, as published).
 """
 
 from __future__ import annotations
@@ -33,6 +42,10 @@ import torch.nn.functional as F
 
 DensityFn = Callable[[torch.Tensor], torch.Tensor]  # (K, 3, S, S) in [0, 1] -> (K, 1, S, S)
 
+# "clipcount": windows end at the border, linear blending; "published": the published evaluation's.
+WINDOWINGS = ("clipcount", "published")
+_PUBLISHED_RAMP = 3.0  # the published blend weights are sigmoid(linspace(-3, 3, overlap))
+
 
 @dataclass
 class WindowPlan:
@@ -44,6 +57,7 @@ class WindowPlan:
     starts: list[int]  # x offset of each window, increasing; the last ends at padded_width
     window: int
     stride: int
+    scheme: str = "clipcount"  # one of WINDOWINGS
 
     @property
     def num_windows(self) -> int:
@@ -69,8 +83,14 @@ def resize_to_height(
     return resized.to(image.dtype), width / old_width, height / old_height
 
 
-def plan_windows(height: int, width: int, window: int = 384, stride: int = 128) -> WindowPlan:
-    """Window offsets covering a (height, width) image, height == window (use resize_to_height)."""
+def plan_windows(height: int, width: int, window: int = 384, stride: int = 128,
+                 scheme: str = "clipcount") -> WindowPlan:
+    """Window offsets covering a (height, width) image, height == window (use resize_to_height).
+
+    `scheme`: "clipcount" (the last window ends at the border) or "published" (see the module notes).
+    """
+    if scheme not in WINDOWINGS:
+        raise ValueError(f"unknown windowing {scheme!r}; use one of {', '.join(WINDOWINGS)}")
     if height != window:
         raise ValueError(
             f"windows need an image {window} pixels tall, not {height}; resize it with resize_to_height first"
@@ -80,11 +100,23 @@ def plan_windows(height: int, width: int, window: int = 384, stride: int = 128) 
     if not 0 < stride <= window:
         raise ValueError(f"stride must be between 1 and the window size {window}, not {stride}; "
                          "a larger stride would leave columns unseen")
+    if scheme == "published":
+        return _published_plan(height, width, window, stride)
     padded_width = max(width, window)
     last = padded_width - window
     count = math.ceil(last / stride) + 1
     starts = [min(index * stride, last) for index in range(count)]
     return WindowPlan(height, width, padded_width, starts, window, stride)
+
+
+def _published_plan(height: int, width: int, window: int, stride: int) -> WindowPlan:
+    """Right-pad by `stride - width % stride` (at least to one window), windows every `stride`."""
+    if window % stride:
+        raise ValueError(f"the published windowing needs a stride that divides the window {window} "
+                         f"(e.g. {window // 3}), not {stride}: otherwise the last columns go unseen")
+    padded_width = max(width + stride - width % stride, window)  # narrow images: one window (published crashed)
+    starts = list(range(0, padded_width - window + 1, stride))
+    return WindowPlan(height, width, padded_width, starts, window, stride, "published")
 
 
 def window_weights(plan: WindowPlan) -> torch.Tensor:
@@ -114,11 +146,14 @@ def split_windows(image: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
 
 
 def merge_windows(densities: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
-    """(K, 1, window, window) -> (1, H, W): blended so each pixel is counted once, padding cropped."""
+    """(K, 1, window, window) -> (1, H, W): blended by the plan's scheme, padding cropped."""
     _check_densities(densities, plan.num_windows, plan.window)
     canvas = _new_canvas(densities, plan)
-    weights = window_weights(plan).to(canvas.device, canvas.dtype)
-    _accumulate(canvas, densities.to(canvas.dtype), weights, plan.starts)
+    if plan.scheme == "published":
+        _fold_published(canvas, densities.to(canvas.dtype), plan.starts, plan)
+    else:
+        weights = window_weights(plan).to(canvas.device, canvas.dtype)
+        _accumulate(canvas, densities.to(canvas.dtype), weights, plan.starts)
     return canvas[:, :, :plan.width]
 
 
@@ -129,6 +164,7 @@ def count_image(
     window: int = 384,
     stride: int = 128,
     max_batch: int = 64,
+    scheme: str = "clipcount",
 ) -> tuple[torch.Tensor, WindowPlan]:
     """Density map of a whole image: (3, H, W) in [0, 1] -> ((1, window, W'), plan).
 
@@ -137,14 +173,14 @@ def count_image(
     image's device (density_fn moves them to its model's device if needed). The density returned is
     at the resized resolution, on density_fn's device; its sum is the image's density mass (count =
     sum / density scale). Runs without autograd. Windows are cut per batch, so memory stays bounded
-    for very wide images.
+    for very wide images. `scheme`: see plan_windows.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, not {max_batch}")
     resized, _, _ = resize_to_height(image, window)
-    plan = plan_windows(window, resized.shape[-1], window, stride)
+    plan = plan_windows(window, resized.shape[-1], window, stride, scheme)
     padded = _pad(resized, plan)
-    weights = window_weights(plan)
+    weights = window_weights(plan) if scheme == "clipcount" else None
     canvas: torch.Tensor | None = None
     for first in range(0, plan.num_windows, max_batch):
         starts = plan.starts[first:first + max_batch]
@@ -155,6 +191,9 @@ def count_image(
         _check_densities(densities, len(starts), window)
         if canvas is None:
             canvas = _new_canvas(densities, plan)
+        if weights is None:  # the published fold runs left to right, so batch by batch is the same
+            _fold_published(canvas, densities.to(canvas.dtype), starts, plan)
+            continue
         chunk_weights = weights[first:first + len(starts)].to(canvas.device, canvas.dtype)
         _accumulate(canvas, densities.to(canvas.dtype), chunk_weights, starts)
     assert canvas is not None  # a plan always has at least one window
@@ -204,13 +243,15 @@ def _new_canvas(densities: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
 
 
 def _pad(image: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
-    """(3, H, W) -> (3, H, padded_width): narrow images extended with their mean colour."""
+    """(3, H, W) -> (3, H, padded_width): extended with the image's mean colour (published: zeros)."""
     _check_image(image)
     if tuple(image.shape[-2:]) != (plan.height, plan.width):
         raise ValueError(f"image is {tuple(image.shape[-2:])} but the plan is for {(plan.height, plan.width)}")
     extra = plan.padded_width - plan.width
     if extra == 0:
         return image
+    if plan.scheme == "published":
+        return torch.cat([image, image.new_zeros(3, plan.height, extra)], dim=2)
     mean = image.mean(dim=(1, 2), keepdim=True)  # (3, 1, 1)
     return torch.cat([image, mean.expand(3, plan.height, extra)], dim=2)
 
@@ -219,3 +260,23 @@ def _accumulate(canvas: torch.Tensor, densities: torch.Tensor, weights: torch.Te
     """canvas (1, S, W) += each window's density (k, 1, S, S) times its column weights (k, S)."""
     for density, weight, start in zip(densities, weights, starts):
         canvas[:, :, start:start + weight.shape[0]] += density * weight
+
+
+def _fold_published(canvas: torch.Tensor, densities: torch.Tensor, starts: list[int], plan: WindowPlan) -> None:
+    """The published composite, window by window in increasing x: canvas (1, S, W'), densities (k, 1, S, S).
+
+    The first window is copied; each later one blends its first `window - stride` columns with the
+    canvas (incoming weight sigmoid(linspace(-3, 3, overlap)), in float64 and rounded once, as the
+    published code did) and copies the rest.
+    """
+    overlap = plan.window - plan.stride
+    ramp = torch.sigmoid(torch.linspace(-_PUBLISHED_RAMP, _PUBLISHED_RAMP, overlap, dtype=torch.float64,
+                                        device=canvas.device))
+    for density, start in zip(densities, starts):
+        if start == 0:
+            canvas[:, :, :plan.window] = density
+            continue
+        seam = canvas[:, :, start:start + overlap].double()
+        blended = (1 - ramp) * seam + ramp * density[:, :, :overlap].double()
+        canvas[:, :, start:start + overlap] = blended.to(canvas.dtype)
+        canvas[:, :, start + overlap:start + plan.window] = density[:, :, overlap:]

@@ -10,6 +10,7 @@ import os
 import re
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -239,56 +240,159 @@ def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor]
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True, assign=assign)
 
 
+# Weight files of the two hub layouts, in order of preference (safetensors: nothing unpickled).
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_HF_CONFIG = "config.json"
+_OPENCLIP_CONFIG = "open_clip_config.json"
+ACTIVATIONS = ("quick_gelu", "gelu")
+_ACTIVATION_HINT = ("OpenAI's CLIP uses quick_gelu, OpenCLIP's own models (e.g. LAION's ViT-B-16) gelu; "
+                    "say which with --clip-activation")
+
+
 def resolve_clip_source(source: str | os.PathLike) -> Path:
-    """A local file or folder, or a Hugging Face hub id downloaded (weights and config only)."""
+    """A local file or folder, or a Hugging Face hub id downloaded (configs and one weights file)."""
     path = Path(source).expanduser()
     if path.exists():
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-        except Exception as error:  # noqa: BLE001 - network and hub errors vary by version
-            raise CheckpointError(
-                f"could not download {source!r} from the Hugging Face hub ({type(error).__name__}); "
-                "check the id and your network, or pass a local folder"
-            ) from None
+        return _download_clip(str(source))
     raise CheckpointError(f"CLIP weights {source!r} not found: give a file, a folder or a hub id like openai/clip-vit-base-patch16")
+
+
+def _download_clip(repo_id: str) -> Path:
+    """The repo's JSON files and then only the weights its layout needs (LAION's repos hold both the
+    Hugging Face and the OpenCLIP copy: 2 x 600 MB for ViT-B-16)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json"]))
+        names = _HF_WEIGHTS if (folder / _HF_CONFIG).is_file() else _OPENCLIP_WEIGHTS
+        for name in names:  # safetensors first; the pickle only where a repo has nothing else
+            folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", name]))
+            if (folder / name).is_file():
+                break
+        return folder
+    except Exception as error:  # noqa: BLE001 - network and hub errors vary by version
+        raise CheckpointError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(error).__name__}); "
+            "check the id and your network, or pass a local folder or file"
+        ) from None
+
+
+@dataclass
+class ClipWeights:
+    """CLIP weights in OpenAI's layout, their architecture, and where the activation was read."""
+
+    state: StateDict
+    config: CLIPConfig
+    activation_source: str  # e.g. "config.json hidden_act", "assumed for a bare weights file"
+
+    def describe(self, source: str | os.PathLike) -> str:
+        return f"CLIP {source}: activation {self.config.activation} ({self.activation_source})"
+
+
+def read_clip(source: str | os.PathLike, config: CLIPConfig | None = None, activation: str | None = None) -> ClipWeights:
+    """Weights (OpenAI layout), architecture and activation from any supported source.
+
+    The MLP activation cannot be read from weights (OpenAI's QuickGELU and OpenCLIP's GELU models
+    have identical state dicts): a Hugging Face folder says it in config.json (`hidden_act`), an
+    OpenCLIP hub folder in open_clip_config.json (`quick_gelu`); for a bare file it is `activation`,
+    else QuickGELU is assumed and `activation_source` says so. A given `activation` that contradicts
+    the folder's own config is an error, not an override.
+    """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise CheckpointError(f"unknown CLIP activation {activation!r}; use quick_gelu or gelu")
+    path = resolve_clip_source(source)
+    layout, folder_config = None, None
+    if path.is_dir():
+        path, layout, folder_config = _clip_folder(path)
+    state = to_openai_layout(unwrap_state_dict(read_tensor_file(path), path))
+    if layout == "huggingface":
+        read = clip_config_from_huggingface(folder_config)
+        found, where = read.activation, f"{_HF_CONFIG} hidden_act"
+    elif layout == "openclip":
+        read = clip_config_from_openclip(folder_config, state, path.parent)
+        found, where = read.activation, f"{_OPENCLIP_CONFIG} quick_gelu"
+    elif activation is not None:
+        read, found, where = None, activation, "as given"
+    elif config is not None:
+        read, found, where = None, config.activation, "from the given config"
+    else:
+        read, found = None, "quick_gelu"
+        where = f"assumed: a weights file does not say; {_ACTIVATION_HINT}"
+    if read is not None and activation is not None and activation != found:
+        raise CheckpointError(f"{path.parent} says activation {found} ({where}), not {activation}; "
+                              "drop --clip-activation or fix the folder")
+    config = config or read or infer_clip_config(state, activation=found)
+    config.activation = found
+    return ClipWeights(state, config, where)
 
 
 def read_clip_weights(
     source: str | os.PathLike, config: CLIPConfig | None = None, activation: str | None = None
 ) -> tuple[StateDict, CLIPConfig]:
-    """Weights (OpenAI layout) and architecture from any supported source.
-
-    The MLP activation cannot be read from weights: Hugging Face folders name it in config.json;
-    otherwise it is QuickGELU (OpenAI's, and OpenCLIP's `-quickgelu` models) unless `activation`
-    says "gelu" (OpenCLIP's own pretrained models, e.g. the LAION ones).
-    """
-    path = resolve_clip_source(source)
-    hf_config = None
-    if path.is_dir():
-        path, hf_config = _huggingface_folder(path)
-    state = unwrap_state_dict(read_tensor_file(path), path)
-    state = to_openai_layout(state)
-    if config is None:
-        if hf_config:
-            config = clip_config_from_huggingface(hf_config)
-        else:
-            config = infer_clip_config(state, activation=activation or "quick_gelu")
-    if activation is not None:
-        config.activation = activation
-    return state, config
+    """(weights, architecture) of `read_clip`."""
+    weights = read_clip(source, config, activation)
+    return weights.state, weights.config
 
 
-def _huggingface_folder(folder: Path) -> tuple[Path, dict | None]:
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            config_file = folder / "config.json"
-            config = json.loads(config_file.read_text()) if config_file.is_file() else None
-            return folder / name, config
-    raise CheckpointError(f"{folder} has no model.safetensors or pytorch_model.bin; is it a CLIPModel folder?")
+def _clip_folder(folder: Path) -> tuple[Path, str, dict]:
+    """(weights file, layout, its config) of a Hugging Face `CLIPModel` or OpenCLIP hub folder."""
+    hf = next((folder / n for n in _HF_WEIGHTS if (folder / n).is_file()), None)
+    openclip = next((folder / n for n in _OPENCLIP_WEIGHTS if (folder / n).is_file()), None)
+    if hf is not None and (folder / _HF_CONFIG).is_file():
+        return hf, "huggingface", _read_json(folder / _HF_CONFIG)
+    if openclip is not None and (folder / _OPENCLIP_CONFIG).is_file():
+        return openclip, "openclip", _read_json(folder / _OPENCLIP_CONFIG)
+    if hf is not None:
+        raise CheckpointError(
+            f"{folder} has {hf.name} but no {_HF_CONFIG}, so its activation (quick_gelu or gelu) is unknown; "
+            f"copy config.json from the model's hub page into it, or pass {hf} itself with --clip-activation"
+        )
+    if openclip is not None:
+        raise CheckpointError(f"{folder} has {openclip.name} but no {_OPENCLIP_CONFIG}; copy it from the model's "
+                              f"hub page, or pass {openclip} itself with --clip-activation")
+    raise CheckpointError(f"{folder} has no model.safetensors or pytorch_model.bin (Hugging Face) nor "
+                          "open_clip_model.safetensors (OpenCLIP); is it a CLIP model folder?")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not readable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a config object")
+    return data
+
+
+# OpenCLIP model settings whose towers clip.py does not build (their weights would not load anyway,
+# except for these, which change the computation without changing the weights).
+_OPENCLIP_UNSUPPORTED = {
+    ("vision_cfg", "timm_model_name"): None, ("text_cfg", "hf_model_name"): None,
+    ("vision_cfg", "attentional_pool"): False, ("vision_cfg", "final_ln_after_pool"): False,
+    ("text_cfg", "final_ln_after_pool"): False, ("text_cfg", "no_causal_mask"): False,
+    ("text_cfg", "pool_type"): "argmax", ("vision_cfg", "pool_type"): "tok", ("vision_cfg", "no_ln_pre"): False,
+    ("text_cfg", "embed_cls"): False, ("vision_cfg", "input_patchnorm"): False,
+}
+
+
+def clip_config_from_openclip(config: Mapping, state: Mapping[str, torch.Tensor], folder: Path) -> CLIPConfig:
+    """Architecture of an OpenCLIP hub folder: shapes from the weights, heads and activation from
+    `open_clip_config.json` (`model_cfg`; `quick_gelu` true = QuickGELU, absent or false = GELU)."""
+    model_cfg = config.get("model_cfg", config)
+    for (tower, key), default in _OPENCLIP_UNSUPPORTED.items():
+        value = model_cfg.get(tower, {}).get(key, default)
+        if value != default:
+            raise CheckpointError(f"{folder}: OpenCLIP setting {tower}.{key}={value!r} is not supported by "
+                                  "clipcount's CLIP (plain ViT image and text towers only)")
+    activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
+    inferred = infer_clip_config(state, activation=activation)
+    vision_cfg, text_cfg = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    inferred.vision.heads = max(1, inferred.vision.width // int(vision_cfg.get("head_width", 64)))
+    inferred.text.heads = int(text_cfg.get("heads", inferred.text.heads))
+    return inferred
 
 
 def load_clip(source: str | os.PathLike, config: CLIPConfig | None = None, activation: str | None = None) -> CLIP:

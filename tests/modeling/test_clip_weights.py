@@ -245,8 +245,9 @@ def test_hub_ids_go_through_huggingface_hub(tmp_path, inputs, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     ours = load_clip("openai/clip-vit-base-patch16")
-    assert calls and calls[0][0] == "openai/clip-vit-base-patch16"
-    assert "*.safetensors" in calls[0][1]
+    assert calls and {repo for repo, _ in calls} == {"openai/clip-vit-base-patch16"}
+    assert calls[0][1] == ["*.json"]  # configs first: they say which weights file to fetch
+    assert "model.safetensors" in calls[1][1] and len(calls) == 2  # one weights file, safetensors first
     assert_same_embeddings(ours, reference_embeddings(model, *inputs), *inputs)
 
 
