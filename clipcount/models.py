@@ -1,15 +1,19 @@
 """Named models: what `--model NAME` and `Counter.from_pretrained(NAME)` mean.
 
-Only one name exists today, "demo": a small model bundled with the package so that counting works
-out of the box, offline. It was trained on synthetic shapes (clipcount's synthetic world), not on
-real photos, so it says so once per process when it is used. Anything that is not a registered
-name is a checkpoint path or a Hugging Face hub id, resolved by `checkpoint.resolve_checkpoint`.
+- "demo": a small model bundled with the package so that counting works out of the box, offline.
+  It was trained on synthetic shapes (clipcount's synthetic world), not on real photos, so it says
+  so once per process when it is used.
+- "published": the released CLIP-Count checkpoint (trained on FSC-147), for real photos. Downloaded
+  and converted on first use, then cached (clipcount.published).
+Anything that is not a registered name is a checkpoint path or a Hugging Face hub id, resolved by
+`checkpoint.resolve_checkpoint`.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +28,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 _FOREIGN_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 
 REAL_WEIGHTS_HINT = (
-    "for real photos, convert the published CLIP-Count checkpoint with "
-    "`clipcount convert-official CKPT OUT` and pass `--model OUT` "
-    "(or Counter.from_pretrained('OUT')), or pass any clipcount checkpoint folder or hub id"
+    "for real photos use `--model published` (or Counter.from_pretrained('published')): the released "
+    "CLIP-Count, downloaded and converted on first use; or convert a CLIP-Count checkpoint with "
+    "`clipcount convert-official CKPT OUT` and pass `--model OUT`, or any clipcount checkpoint folder or hub id"
 )
 
 
@@ -48,9 +52,10 @@ class NamedModel:
     """A model shipped with or known to clipcount by name."""
 
     name: str
-    folder: Path
+    folder: Path | None  # bundled models: where they are; None for models fetched on first use
     description: str
     synthetic_only: bool  # trained on synthetic images only: warn that real photos are out of scope
+    fetch: Callable[[], Path] | None = None  # downloads (first use) and returns the model's folder
 
 
 REGISTRY: dict[str, NamedModel] = {
@@ -60,7 +65,20 @@ REGISTRY: dict[str, NamedModel] = {
         description="a small CLIP-Count trained on synthetic shapes, bundled for trying clipcount out",
         synthetic_only=True,
     ),
+    "published": NamedModel(
+        name="published",
+        folder=None,
+        description="the released CLIP-Count checkpoint (FSC-147), converted; downloaded on first use",
+        synthetic_only=False,
+        fetch=lambda: _fetch_published(),
+    ),
 }
+
+
+def _fetch_published() -> Path:
+    from clipcount.published import ensure_published
+
+    return ensure_published()
 
 
 def resolve_model(source: str | os.PathLike = DEFAULT_MODEL) -> Path:
@@ -85,6 +103,8 @@ def resolve_model(source: str | os.PathLike = DEFAULT_MODEL) -> Path:
 def _named_folder(named: NamedModel) -> Path:
     from clipcount.modeling.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
+    if named.fetch is not None:
+        return named.fetch()
     if not (named.folder / WEIGHTS_NAME).is_file() or not (named.folder / CONFIG_NAME).is_file():
         raise CheckpointError(
             f"the bundled {named.name!r} model is not installed in this copy of clipcount "

@@ -28,7 +28,7 @@ def rel_max_diff(ours: torch.Tensor, theirs: np.ndarray) -> float:
 def converted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("official")
     # Lightning stores hyper-parameters as a Namespace beside the weights: it must be read, not refused
-    ckpt = write_official_checkpoint(tmp / "clipcount.ckpt", extra={"hyper_parameters": argparse.Namespace(lr=1e-4), "epoch": 3})
+    ckpt = write_official_checkpoint(tmp / "clipcount.ckpt", extra={"hyper_parameters": argparse.Namespace(lr=1e-4, decoder_head=4), "epoch": 3})
     return convert_official(ckpt, tmp / "converted")
 
 
