@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -84,10 +85,6 @@ class PublishedSettings:
     unfreeze_vit: bool = False  # CLIP's image tower fine-tuned (then the file keeps CLIP)
 
 
-class _HyperParameters(dict):
-    """Stands in for Lightning's AttributeDict when reading `hyper_parameters`."""
-
-
 def _numpy_globals() -> list:
     """numpy scalars and dtypes, which Lightning's callback states may hold: data, not code."""
     import numpy as np
@@ -107,7 +104,9 @@ _ATTRIBUTE_DICTS = (
 
 
 def _allowed_globals() -> list:
-    return [argparse.Namespace] + [(_HyperParameters, path) for path in _ATTRIBUTE_DICTS] + _numpy_globals()
+    # Lightning's AttributeDict is read as an OrderedDict: the weights-only unpickler fills only
+    # plain dict types, and its entries are all that matters here.
+    return [argparse.Namespace] + [(OrderedDict, path) for path in _ATTRIBUTE_DICTS] + _numpy_globals()
 
 
 # ---- reading ------------------------------------------------------------------------------------
