@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,10 @@ def register(subparsers) -> None:
     model.add_argument("--clip", metavar="WEIGHTS",
                        help="CLIP weights to start from: an OpenAI/OpenCLIP file, a Hugging Face folder or hub id "
                        "(e.g. openai/clip-vit-base-patch16)")
+    model.add_argument("--clip-activation", choices=("quick_gelu", "gelu"), default=None,
+                       help="the CLIP's MLP activation when --clip is a bare weights file, which cannot say it: "
+                       "quick_gelu (OpenAI's CLIP, the default) or gelu (OpenCLIP's own models, e.g. LAION's); "
+                       "folders say it in their config")
     model.add_argument("--init", metavar="CKPT", help="start from this clipcount checkpoint instead (fine-tuning)")
     model.add_argument("--resume", action="store_true", help="continue from OUT/last (starts fresh if there is none)")
     model.add_argument("--tiny", action="store_true",
@@ -167,7 +172,8 @@ def make_model(args: argparse.Namespace, model_section: dict[str, Any]):
     if args.clip is None:
         raise ConfigError("a new model needs pretrained CLIP weights: pass --clip (e.g. openai/clip-vit-base-patch16), "
                           "or --init CKPT to start from a clipcount checkpoint, or --tiny for a smoke test")
-    return build_model(config, clip_weights=args.clip)
+    return build_model(config, clip_weights=args.clip, clip_activation=args.clip_activation,
+                       say=lambda message: print(f"clipcount: {message}", file=sys.stderr))
 
 
 def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -259,3 +259,11 @@ def test_pickled_code_in_a_weights_file_is_refused(tmp_path):
     torch.save({"visual.conv1.weight": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="safely"):
         load_clip(tmp_path / "evil.pt")
+
+
+def test_huggingface_folder_without_config_is_refused(tmp_path):
+    """Its activation would be a guess: refused, naming config.json and the way out."""
+    tiny_hf_clip("gelu").save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json.*--clip-activation"):
+        load_clip(tmp_path)
