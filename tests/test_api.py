@@ -239,3 +239,22 @@ def test_overlay_of_a_real_count_saves(tiny_counter, tmp_path, blob_image):
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     assert buffer.tell() > 0
+
+
+def test_windowing_follows_the_model_and_can_be_chosen(tiny_checkpoint, blob_image):
+    from clipcount.errors import ConfigError
+    from clipcount.modeling.checkpoint import load_model
+
+    model = load_model(tiny_checkpoint)
+    assert Counter(model, device="cpu").predictor.windowing == "clipcount"  # new models: clipcount's own
+    model.config.windowing = "published"  # what a converted published checkpoint says
+    assert Counter(model, device="cpu", stride=16).predictor.windowing == "published"
+    chosen = Counter(model, device="cpu", windowing="clipcount", stride=16)
+    assert chosen.predictor.windowing == "clipcount"
+    assert chosen.count(blob_image(width=200), "dots").count >= 0
+    published = Counter(model, device="cpu", stride=16)  # 64-pixel windows: 16 divides them
+    assert published.count(blob_image(width=200), "dots").density.shape == (96, 200)
+    with pytest.raises(ConfigError, match="divides the window"):
+        Counter(model, device="cpu", stride=20)
+    with pytest.raises(ConfigError, match="unknown windowing"):
+        Counter(model, device="cpu", windowing="fancy")

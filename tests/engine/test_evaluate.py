@@ -184,3 +184,22 @@ def test_clipcount_eval_errors_are_for_people(tiny_checkpoint, tmp_path, capsys)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(base + ["--dataset", "carpk"]) == 2
+
+
+def test_windowing_option_is_used_and_recorded(tiny_checkpoint, tmp_path):
+    from clipcount.errors import ConfigError
+    from clipcount.modeling.checkpoint import load_model
+
+    fsc = write_fsc147(tmp_path / "FSC147", {"train": 0, "val": 1})
+    model = load_model(tiny_checkpoint)
+    dataset = build_dataset("fsc147", fsc, "val")
+    report = evaluate(model, dataset, stride=32, progress=False, device="cpu", windowing="published",
+                      out_dir=tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["protocol"]["windowing"] == "published"
+    predictor = DensityPredictor(model, stride=32, device="cpu", windowing="published")
+    item = dataset[0]
+    image = torch.from_numpy(item.image.transpose(2, 0, 1).copy())
+    assert report.rows[0].predicted == pytest.approx(predictor.count(predictor.predict(image, [item.prompt])[0]),
+                                                     rel=1e-5)
+    with pytest.raises(ConfigError, match="divides the window"):
+        evaluate(model, dataset, stride=24, progress=False, device="cpu", windowing="published")

@@ -171,3 +171,46 @@ def test_resize_density_keeps_the_sum(shape, target):
     torch.testing.assert_close(sums_after, sums_before, rtol=1e-5, atol=1e-5)
     zeros = resize_density(torch.zeros(shape), *target)
     assert zeros.abs().sum() == 0
+
+
+# ---- the published evaluation windowing --------------------------------------------------------
+
+@pytest.mark.parametrize("width, padded, starts", [
+    (576, 640, [0, 128, 256]),  # 128 - 576 % 128 = 64 columns of padding
+    (512, 640, [0, 128, 256]),  # already a multiple: a full stride of padding, as published
+    (683, 768, [0, 128, 256, 384]),
+    (300, 384, [0]),  # narrow: one window (the published code had none and crashed)
+])
+def test_published_plan_pads_to_a_multiple_of_the_stride(width, padded, starts):
+    plan = plan_windows(WINDOW, width, WINDOW, 128, "published")
+    assert (plan.padded_width, plan.starts) == (padded, sorted(set(starts)))
+
+
+def test_published_plan_needs_a_stride_that_divides_the_window():
+    with pytest.raises(ValueError, match="divides the window"):
+        plan_windows(WINDOW, 800, WINDOW, 100, "published")
+    with pytest.raises(ValueError, match="unknown windowing"):
+        plan_windows(WINDOW, 800, WINDOW, 128, "fancy")
+
+
+def test_published_blending_by_hand():
+    """Three windows of 1, 2, 3 on 640 columns: the seams are sigmoid ramps towards the later window."""
+    plan = plan_windows(WINDOW, 576, WINDOW, 128, "published")
+    values = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1).expand(3, 1, WINDOW, WINDOW)
+    merged = merge_windows(values, plan)[0, 0].double()
+    ramp = torch.sigmoid(torch.linspace(-3, 3, 256, dtype=torch.float64))
+    first = (1 - ramp) * 1 + ramp * 2  # window 1 over window 0, columns 128..383
+    expected = torch.cat([torch.ones(128), first[:128], (1 - ramp[:128]) * first[128:] + ramp[:128] * 3,
+                          (1 - ramp[128:]) * 2 + ramp[128:] * 3, torch.full((128,), 3.0)])[:576]
+    assert merged.shape == (576,)
+    assert torch.allclose(merged, expected.double(), atol=1e-6)
+
+
+def test_published_padding_is_black_and_batches_do_not_change_the_result():
+    image = torch.rand(3, WINDOW, 700)
+    plan = plan_windows(WINDOW, 700, WINDOW, 128, "published")
+    windows = split_windows(image, plan)
+    assert bool((windows[-1][:, :, 700 - plan.starts[-1]:] == 0).all())
+    all_at_once = merge_windows(windows[:, :1], plan)
+    batched, _ = count_image(image, _first_channel, WINDOW, 128, max_batch=2, scheme="published")
+    assert torch.allclose(all_at_once, batched)
