@@ -130,7 +130,8 @@ def _convert(ckpt: Path, out: Path, progress: bool) -> None:
         convert_official(ckpt, out, clip=clip, say=lambda message: _say(progress, message))
     except CheckpointError as error:
         raise CheckpointError(f"{error} (for the published model, set {CLIP_ENV} to OpenAI's ViT-B/16 weights: "
-                              f"a file, a folder or a hub id)") from None
+                              f"a file, a folder or a hub id; the checkpoint downloaded is kept at {ckpt} for the "
+                              "next try, delete it to download it again)") from None
 
 
 def _publish(staging: Path, folder: Path) -> None:

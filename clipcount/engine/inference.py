@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from clipcount.engine.windows import merge_windows, plan_windows, resize_to_height, split_windows
+from clipcount.engine.windows import WINDOWINGS, merge_windows, plan_windows, resize_to_height, split_windows
 from clipcount.modeling.clip_count import ClipCount, check_prompts
 
 
@@ -48,8 +48,8 @@ class DensityPredictor:
                  device: str | torch.device | None = None, precision: str = "auto", text_cache_size: int = 1024,
                  windowing: str | None = None):
         self.windowing = windowing or model.config.windowing
-        window = model.config.window_size
-        plan_windows(window, window, window, stride, self.windowing)  # a bad stride or scheme fails here, not later
+        if self.windowing not in WINDOWINGS:
+            raise ValueError(f"unknown windowing {self.windowing!r}; use one of {', '.join(WINDOWINGS)}")
         self.device = pick_device(device)
         self.autocast_dtype = pick_dtype(self.device, precision)
         self.model = model.to(self.device).eval()

@@ -331,7 +331,7 @@ def build_official_model(ckpt: str | os.PathLike, clip: str | os.PathLike | None
         state.update({"clip." + k: v for k, v in weights.state.items()})
     config = official_config(settings, clip_cfg)
     if not settings.use_coop:  # the published text encoder has no context then: an empty one is the same
-        state["text_context.learnable_context"] = torch.empty(0, clip_cfg.text.width)
+        state.setdefault("text_context.learnable_context", torch.empty(0, clip_cfg.text.width))
     with torch.device("meta"):  # shapes only: every value comes from the file or the CLIP weights
         model = ClipCount(config)
     try:

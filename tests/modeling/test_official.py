@@ -325,3 +325,24 @@ def test_clipcount_windowing_is_not_the_published_one(compat_model):
     predictor = DensityPredictor(compat_model, stride=128, device="cpu", precision="fp32", windowing="clipcount")
     density = predictor.predict(image[0], [case["prompt"]])[0]
     assert rel_max_diff(density, np.load(COMPAT / f"wide_density_{case['width']}.npy")) > 1e-3
+
+
+def test_other_run_py_settings_convert_and_run(rule_files, tmp_path):
+    """Settings the released model does not use: 6 prompted layers of 8 tokens, no text context,
+    16 heads. The file's own tensors decide nothing the hyper_parameters say otherwise."""
+    state = {k: v for k, v in rule_files.released_state.items() if "learnable_context" not in k}
+    state["model.img_encoder.visual_prompt"] = state["model.img_encoder.visual_prompt"][:6, :8].clone()
+    hparams = {"decoder_head": 16, "vpt_depth": 6, "vpt_width": 8, "use_coop": False}
+    model, _ = build_official_model(write_checkpoint(tmp_path / "o.ckpt", state, hparams), clip=rule_files.clip_file)
+    assert (model.config.prompts.visual_layers, model.config.prompts.visual_tokens) == (6, 8)
+    assert model.config.prompts.text_context_tokens == 0 and model.config.interaction.heads == 16
+    with torch.no_grad():
+        text = model.encode_text(["car", "apples"])
+        ids = model.tokenize(["car", "apples"])
+        plain = model.clip.encode_text(ids)  # no context tokens: CLIP's own text feature, at the real end
+        density = model(torch.rand(1, 3, 384, 384), ["car"])
+    assert torch.allclose(text[:, 0], plain, atol=1e-5) and not torch.equal(text[0], text[1])
+    assert density.shape == (1, 1, 384, 384) and bool(((density >= 0) & (density <= 1)).all())
+    mismatched = write_checkpoint(tmp_path / "m.ckpt", state, {**hparams, "vpt_depth": 10})
+    with pytest.raises(CheckpointError, match="visual_prompt.*model built from"):
+        build_official_model(mismatched, clip=rule_files.clip_file)
