@@ -29,7 +29,7 @@ from typing import IO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipcount.errors import ImageError
+from clipcount.errors import ConfigError, ImageError
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, bytes, bytearray, memoryview]
 
@@ -329,6 +329,34 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+def check_writable(path: str | os.PathLike, what: str, *, folder: bool = False) -> None:
+    """Refuse, before any work, an output that could not be written at the end of it.
+
+    `what` names the output for people (e.g. "--json"); `folder` says whether `path` is to be a
+    folder (created if missing) or a file. The test is real: a probe file is created and removed
+    in the nearest existing folder, because permission bits do not tell (root, /proc, read-only
+    mounts). Nothing is created otherwise; atomic_write makes missing parent folders later.
+    """
+    target = Path(path).expanduser()
+    if target.is_dir() and not folder:
+        raise ConfigError(f"{what} {path} is a folder; give a file name, e.g. {Path(path) / 'counts.json'}")
+    if target.exists() and not target.is_dir() and folder:
+        raise ConfigError(f"{what} {path} is a file, not a folder; give a folder name")
+    existing = target if folder else target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path} cannot be written: {existing} is a file, not a folder; choose another place")
+    probe = existing / f".clipcount-probe-{secrets.token_hex(6)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as error:
+        reason = (error.strerror or type(error).__name__).lower()
+        raise ConfigError(f"{what} {path} cannot be written: {existing} takes no new files ({reason}); "
+                          "choose another place") from None
 
 
 def save_image_atomic(image: np.ndarray | Image.Image, path: str | os.PathLike) -> None:

@@ -289,9 +289,13 @@ class Outputs:
             raise ConfigError(f"--json and --csv name the same file {outputs.json}; give them different names")
         if args.resume and outputs.primary_file() is None:
             raise ConfigError("--resume needs an output file to resume from: add --json FILE or --csv FILE")
-        for name in outputs.files():
-            if Path(name).expanduser().is_dir():
-                raise ConfigError(f"output {name} is a folder; give a file name, e.g. {Path(name) / 'counts.json'}")
+        from clipcount.imaging import check_writable
+
+        for flag, name in (("--json", outputs.json), ("--csv", outputs.csv)):
+            if name and name != STDOUT:
+                check_writable(name, flag)
+        if getattr(args, "overlay", None):
+            check_writable(args.overlay, "--overlay", folder=True)
         return outputs
 
     @property

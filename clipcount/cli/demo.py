@@ -36,8 +36,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipcount.cli.count import run as run_count
+    from clipcount.imaging import check_writable
     from clipcount.models import REGISTRY, resolve_model
 
+    check_writable(args.out, "--out", folder=True)
     folder = resolve_model("demo")
     example = REGISTRY["demo"].folder.parent / "example.jpg"
     prompts = args.prompt or list(DEFAULT_PROMPTS)

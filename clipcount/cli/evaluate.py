@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from clipcount.modeling.checkpoint import load_model
 
     name, kwargs = dataset_arguments(args)
+    if args.out:
+        from clipcount.imaging import check_writable
+
+        check_writable(args.out, "--out", folder=True)
     dataset = build_dataset(name, args.root, split=args.split or "test", **kwargs)
     warn_if_demo(args.model)
     model = load_model(resolve_model(args.model))
