@@ -7,8 +7,12 @@ through JSON (`to_dict` / `from_dict`) so a checkpoint's config file rebuilds th
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from clipcount.errors import ConfigError
 
 # CLIP's image statistics (OpenAI's preprocessing); every CLIP we load was trained with them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -116,6 +120,8 @@ class ClipCountConfig:
     windowing: Literal["clipcount", "published"] = "clipcount"
 
     def __post_init__(self) -> None:
+        check_types(self)
+        _check_model_settings(self)
         if self.compat:
             self.decoder.activation = "sigmoid"
             self.antialias = False
@@ -198,18 +204,112 @@ class EvalConfig:
     batch_windows: int = 64  # windows per forward pass
 
 
-def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+# ---- validation: a config that cannot build a working model is refused when it is made ------------
+
+def check_types(config: Any, prefix: str = "") -> None:
+    """Every setting of `config` (nested too) holds a value of its annotated type, or ConfigError
+    names the setting, e.g. "interaction.heads = 'four' is not a whole number"."""
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value, name = getattr(config, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            check_types(value, f"{name}.")
+        elif not _is_instance(value, hints[item.name]):
+            raise ConfigError(f"setting {name} = {value!r} is not {_describe(hints[item.name])}")
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, arg) for arg in args)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        return len(kinds) == len(value) and all(_is_instance(v, k) for v, k in zip(value, kinds))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}s" if args[-1] is Ellipsis else f"a list of {len(args)} numbers"
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "text", type(None): "null"}
+    if dataclasses.is_dataclass(hint):
+        return "a group of settings ({...})"
+    return names.get(hint, str(hint))
+
+
+def _check_model_settings(config: "ClipCountConfig") -> None:
+    """Values of the right type that still cannot build a model: sizes, head splits, group splits."""
+    vision, text, interaction = config.clip.vision, config.clip.text, config.interaction
+    positive = {
+        "clip.vision.image_size": vision.image_size, "clip.vision.patch_size": vision.patch_size,
+        "clip.vision.width": vision.width, "clip.vision.layers": vision.layers, "clip.vision.heads": vision.heads,
+        "clip.text.context_length": text.context_length, "clip.text.vocab_size": text.vocab_size,
+        "clip.text.width": text.width, "clip.text.layers": text.layers, "clip.text.heads": text.heads,
+        "clip.embed_dim": config.clip.embed_dim, "interaction.scales": interaction.scales,
+        "interaction.width": interaction.width, "interaction.heads": interaction.heads,
+        "interaction.mlp_ratio": interaction.mlp_ratio, "decoder.groups": config.decoder.groups,
+        "window_size": config.window_size, "density_scale": config.density_scale,
+        **{f"decoder.channels[{i}]": c for i, c in enumerate(config.decoder.channels)},
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"setting {name} = {value!r} must be positive")
+    for name in ("visual_tokens", "visual_layers", "text_context_tokens"):
+        if getattr(config.prompts, name) < 0:
+            raise ConfigError(f"setting prompts.{name} = {getattr(config.prompts, name)} must be 0 or more")
+    for part, sub in (("clip.vision", vision), ("clip.text", text), ("interaction", interaction)):
+        if sub.width % sub.heads:
+            raise ConfigError(f"setting {part}.heads = {sub.heads} does not divide {part}.width = {sub.width}; "
+                              f"use a divisor such as {_divisor_near(sub.width, sub.heads)}")
+    for i, channels in enumerate(config.decoder.channels):
+        if channels % config.decoder.groups:
+            raise ConfigError(f"setting decoder.groups = {config.decoder.groups} does not divide "
+                              f"decoder.channels[{i}] = {channels}")
+    if vision.image_size % vision.patch_size:
+        raise ConfigError(f"setting clip.vision.patch_size = {vision.patch_size} does not divide "
+                          f"clip.vision.image_size = {vision.image_size}")
+    if interaction.scales > len(config.decoder.channels):
+        raise ConfigError(f"setting interaction.scales = {interaction.scales} needs at least as many "
+                          f"decoder.channels (has {len(config.decoder.channels)})")
+    if config.prompts.visual_layers > vision.layers:
+        raise ConfigError(f"setting prompts.visual_layers = {config.prompts.visual_layers} is more than "
+                          f"clip.vision.layers = {vision.layers}")
+
+
+def _divisor_near(width: int, heads: int) -> int:
+    return min((d for d in range(1, width + 1) if width % d == 0), key=lambda d: (abs(d - heads), d))
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Rebuild nested dataclasses from `asdict` output; unknown keys are an error, not a silent drop."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"setting {prefix.rstrip('.') or 'config'} = {data!r} is not a group of settings ({{...}})")
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} settings: {sorted(unknown)}")
+        raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(prefix + str(key) for key in sorted(unknown, key=str))}")
     kwargs = {}
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for key, value in data.items():
         sub = _NESTED.get((cls.__name__, key))
-        if sub is not None and isinstance(value, dict):
-            kwargs[key] = _from_dict(sub, value)
+        if sub is not None:
+            kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.")
         elif isinstance(value, list) and "tuple" in str(hints[key]):
             kwargs[key] = tuple(value)
         else:

@@ -3,7 +3,9 @@ half-written, before any work is done (issue 13)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +74,30 @@ def test_demo_out_naming_a_file(tmp_path):
     assert_one_line_error(done, "--out", "afile")
     assert done.stdout == ""
     assert (tmp_path / "afile").read_text() == "in the way"
+
+
+# ---- a checkpoint whose config cannot build a working model ----------------------------------------
+
+@pytest.mark.parametrize("heads", [3, "four"])
+def test_impossible_config_is_refused_at_load_naming_the_setting(heads, picture, tiny_checkpoint, tmp_path):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["clipcount"]["interaction"]["heads"] = heads  # width 16: 3 does not divide it
+    (broken / "config.json").write_text(json.dumps(config))
+    done = run_cli("count", str(picture), "-p", "dots", "--model", str(broken), "--csv", "counts.csv", cwd=tmp_path)
+    assert_one_line_error(done, "interaction.heads", "config.json")
+    assert not (tmp_path / "counts.csv").exists() and done.stdout == ""
+
+
+def test_impossible_config_is_refused_by_the_python_api(tiny_checkpoint, tmp_path):
+    from clipcount.api import Counter
+    from clipcount.errors import CheckpointError
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["clipcount"]["decoder"]["groups"] = 3  # channels (16, 8, 8, 8)
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"decoder\.groups = 3"):
+        Counter.from_pretrained(broken, device="cpu")

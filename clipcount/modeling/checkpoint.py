@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from clipcount.config import ClipCountConfig
-from clipcount.errors import CheckpointError
+from clipcount.errors import CheckpointError, ConfigError
 from clipcount.modeling.clip_count import ClipCount
 from clipcount.modeling.weights import load_state_strict
 
@@ -72,9 +72,13 @@ def _download(repo_id: str) -> Path:
 
 
 def read_config(folder: Path) -> tuple[ClipCountConfig, dict]:
+    """The model config of a checkpoint folder, validated: an impossible setting is refused here,
+    naming it, rather than crashing the first count."""
     try:
         data = json.loads((folder / CONFIG_NAME).read_text())
         return ClipCountConfig.from_dict(data["clipcount"]), data
+    except ConfigError as error:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {error}; fix it or save the checkpoint again") from None
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{folder / CONFIG_NAME} is not a clipcount config ({error})") from None
 
