@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +30,7 @@ from clipcount.engine.inference import DensityPredictor
 from clipcount.engine.locations import find_objects
 from clipcount.engine.windows import resize_density
 from clipcount.errors import ClipCountError, ConfigError, PromptError
-from clipcount.imaging import ImageLimits, ImageSource, load_image
+from clipcount.imaging import ImageLimits, ImageSource, load_image_sized
 from clipcount.modeling.clip_count import ClipCount
 from clipcount.models import DEFAULT_MODEL, is_synthetic_only, resolve_model, warn_if_demo
 
@@ -48,9 +49,21 @@ class CountResult:
     count: float  # density.sum() / density_scale, floored at 0
     density: np.ndarray = field(repr=False)  # (H, W) float32, objects per pixel * density_scale
     points: np.ndarray = field(repr=False)  # (K, 2) float (x, y), pixel centres at integers; K = round(count)
-    # (height, width) of the image as counted: the original size, except for images larger than
-    # ImageLimits.max_side_for_counting (4096 px by default), which load_image downscales first.
+    # (height, width) of the image file (upright). Points are in this grid too. The density is on
+    # the grid the image was counted at: the same, except for images larger than
+    # ImageLimits.max_side_for_counting (4096 px by default), which are downscaled for counting.
     image_size: tuple[int, int]
+
+    @property
+    def downscaled(self) -> bool:
+        """Whether the image was counted at a smaller size than its own (density.shape < image_size)."""
+        return tuple(self.density.shape[:2]) != tuple(self.image_size)
+
+    def points_on_density(self) -> np.ndarray:
+        """The points (K, 2) in the density's grid, e.g. for drawing them on the counted image."""
+        height, width = self.image_size
+        scale = np.array([self.density.shape[1] / width, self.density.shape[0] / height])
+        return (self.points + 0.5) * scale - 0.5
 
     def to_row(self, image: str) -> dict[str, Any]:
         """A table row: the ROW_FIELDS plus "points" ([[x, y], ...], rounded to 0.1 px)."""
@@ -70,6 +83,11 @@ class ImageCount:
     results: list[CountResult] = field(default_factory=list)  # one per prompt; empty when `error` is set
     error: str | None = None  # one line for people, naming the image
     image: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) float32 as counted, for overlays
+
+    @property
+    def downscaled(self) -> bool:
+        """Whether the image was counted smaller than its own size (results are in its own size)."""
+        return any(result.downscaled for result in self.results)
 
     @property
     def name(self) -> str:
@@ -95,6 +113,10 @@ def source_name(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
     return f"<{type(source).__name__}>"
+
+
+class PromptCutWarning(UserWarning):
+    """A prompt is longer than CLIP's text context; only its first words are read."""
 
 
 class Counter:
@@ -169,8 +191,9 @@ class Counter:
         the image is encoded only once for all of them. Raises ImageError / PromptError.
         """
         prompt_list = check_prompt_list(prompts)
-        pixels = load_image(image, self.limits)  # (H, W, 3) float32 in [0, 1]
-        results = self.count_loaded(pixels, prompt_list)
+        self._warn_cut(prompt_list)
+        pixels, size = load_image_sized(image, self.limits)  # (H, W, 3) float32 in [0, 1]; original (H, W)
+        results = self.count_loaded(pixels, prompt_list, size)
         return results[0] if isinstance(prompts, str) else results
 
     def count_many(self, images: Iterable[ImageSource], prompts: str | Sequence[str]) -> Iterator[ImageCount]:
@@ -181,35 +204,60 @@ class Counter:
         of stopping the run; bad prompts raise PromptError before anything is read.
         """
         prompt_list = check_prompt_list(prompts)
+        self._warn_cut(prompt_list)
         self.predictor.encode_prompts(prompt_list)  # once, up front: the cache serves every image
-        for source, pixels, error in _prefetched(images, self._try_load):
+        for source, loaded, error in _prefetched(images, self._try_load):
             if error is not None:
                 yield ImageCount(source, [], error)
             else:
-                yield ImageCount(source, self.count_loaded(pixels, prompt_list), None, pixels)
+                pixels, size = loaded
+                yield ImageCount(source, self.count_loaded(pixels, prompt_list, size), None, pixels)
 
-    def count_loaded(self, pixels: np.ndarray, prompts: Sequence[str]) -> list[CountResult]:
-        """An image as load_image returns it, (H, W, 3) float32 in [0, 1] -> one result per prompt."""
+    def cut_prompts(self, prompts: Sequence[str]) -> dict[str, str]:
+        """Prompts too long for CLIP's text context -> the words of each that are read."""
+        model = self.predictor.model
+        cuts = {prompt: model.prompt_cut(prompt) for prompt in prompts}
+        return {prompt: kept for prompt, kept in cuts.items() if kept is not None}
+
+    def _warn_cut(self, prompts: Sequence[str]) -> None:
+        for prompt, kept in self.cut_prompts(prompts).items():
+            warnings.warn(prompt_cut_message(prompt, kept), PromptCutWarning, stacklevel=3)
+
+    def count_loaded(self, pixels: np.ndarray, prompts: Sequence[str],
+                     original_size: tuple[int, int] | None = None) -> list[CountResult]:
+        """An image as load_image returns it, (H, W, 3) float32 in [0, 1] -> one result per prompt.
+
+        original_size: (height, width) of the file it was loaded from when load_image downscaled
+        it; points and image_size are reported in that grid (default: the pixels' own)."""
         image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)  # (3, H, W)
         densities = self.predictor.predict(image, list(prompts))  # each (window, W') on the CPU
-        size = (int(pixels.shape[0]), int(pixels.shape[1]))
-        return [self._result(prompt, density, size) for prompt, density in zip(prompts, densities)]
+        counted = (int(pixels.shape[0]), int(pixels.shape[1]))
+        size = counted if original_size is None else (int(original_size[0]), int(original_size[1]))
+        return [self._result(prompt, density, counted, size) for prompt, density in zip(prompts, densities)]
 
-    def _result(self, prompt: str, density: torch.Tensor, size: tuple[int, int]) -> CountResult:
-        """Model-grid density (h, w) -> a CountResult on the image grid `size` = (H, W)."""
+    def _result(self, prompt: str, density: torch.Tensor, counted: tuple[int, int],
+                size: tuple[int, int]) -> CountResult:
+        """Model-grid density (h, w) -> a CountResult: density on the counted grid (H', W'),
+        points on the original grid `size` = (H, W)."""
         count = self.predictor.count(density)
         points = find_objects(density, count, self.density_scale, self.min_distance)  # (K, 2) in (h, w) grid
         height, width = size
         scale = np.array([width / density.shape[-1], height / density.shape[-2]])
         points = (points + 0.5) * scale - 0.5  # pixel centres map to pixel centres
-        full = resize_density(density, height, width).numpy()  # (H, W), same sum
+        full = resize_density(density, *counted).numpy()  # (H', W'), same sum
         return CountResult(prompt, count, full.astype(np.float32, copy=False), points, size)
 
-    def _try_load(self, source: ImageSource) -> tuple[np.ndarray | None, str | None]:
+    def _try_load(self, source: ImageSource) -> tuple[tuple[np.ndarray, tuple[int, int]] | None, str | None]:
         try:
-            return load_image(source, self.limits), None
+            return load_image_sized(source, self.limits), None
         except ClipCountError as error:
             return None, str(error)
+
+
+def prompt_cut_message(prompt: str, kept: str) -> str:
+    shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+    return (f"prompt {shown!r} ({len(prompt)} characters) is longer than CLIP reads; "
+            f"only its first {len(kept.split())} words are used: {kept[:60]!r}{'...' if len(kept) > 60 else ''}")
 
 
 def check_prompt_list(prompts: str | Sequence[str]) -> list[str]:
@@ -230,8 +278,8 @@ def check_prompt_list(prompts: str | Sequence[str]) -> list[str]:
 
 
 def _prefetched(
-    sources: Iterable[Any], load: Callable[[Any], tuple[np.ndarray | None, str | None]]
-) -> Iterator[tuple[Any, np.ndarray | None, str | None]]:
+    sources: Iterable[Any], load: Callable[[Any], tuple[Any, str | None]]
+) -> Iterator[tuple[Any, Any, str | None]]:
     """(source, pixels, error) per source, in order, the next one loading while this one is used."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipcount-decode") as pool:
         pending: deque[tuple[Any, Future]] = deque()
@@ -243,7 +291,7 @@ def _prefetched(
             yield _settle(*pending.popleft())
 
 
-def _settle(source: Any, future: Future) -> tuple[Any, np.ndarray | None, str | None]:
+def _settle(source: Any, future: Future) -> tuple[Any, Any, str | None]:
     pixels, error = future.result()
     return source, pixels, error
 
@@ -287,4 +335,4 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-__all__ = ["Counter", "CountResult", "ImageCount", "ROW_FIELDS", "check_prompt_list", "error_row", "source_name"]
+__all__ = ["Counter", "CountResult", "PromptCutWarning", "ImageCount", "ROW_FIELDS", "check_prompt_list", "error_row", "source_name"]

@@ -19,6 +19,7 @@ import contextlib
 import glob
 import io
 import os
+import re
 import secrets
 import warnings
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ _HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WHITE = (255, 255, 255, 255)
 _EXIF_ORIENTATION = 0x0112
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image by 90 degrees
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,16 @@ class ImageLimits:
 
     min_side: images narrower or shorter than this many pixels are refused (nothing to count).
     max_pixels: images with more pixels than this are refused before decoding (decompression bombs).
-        Pillow's own global guard (`Image.MAX_IMAGE_PIXELS`, twice which it refuses outright) still
-        applies on top; raising max_pixels above that needs the caller to raise Pillow's global too.
-    max_side_for_counting: images whose longer side exceeds this are downscaled to it, aspect kept.
+        The default takes the 108 MP and 200 MP photos phone cameras write. Pillow's own global
+        guard (twice `Image.MAX_IMAGE_PIXELS`, ~179 MP) refuses bigger files at opening; the CLI's
+        --max-pixels raises it to match, a Python caller going beyond it must raise it too.
+    max_side_for_counting: images whose longer side exceeds this are downscaled to it, aspect kept
+        (decoded at 1/2, 1/4 or 1/8 scale already where the format allows, so a 108 MP JPEG never
+        exists in memory at full size). Results are still reported in the original pixel grid.
     """
 
     min_side: int = 32
-    max_pixels: int = 100_000_000
+    max_pixels: int = 178_000_000
     max_side_for_counting: int = 4096
 
     def __post_init__(self) -> None:
@@ -80,13 +85,22 @@ def load_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> np.n
     array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) holding uint8, uint16 or [0, 1] floats.
     Raises ImageError naming the image and what to do when it cannot be used.
     """
+    return load_image_sized(source, limits)[0]
+
+
+def load_image_sized(source: ImageSource, limits: ImageLimits = ImageLimits()) -> tuple[np.ndarray, tuple[int, int]]:
+    """`load_image`, and the (height, width) of the upright original: larger than the pixels'
+    own shape when the image was downscaled for counting (ImageLimits.max_side_for_counting)."""
     if isinstance(source, np.ndarray):
-        return _load_array(source, "the array", limits)
+        return _load_array(source, "the array", limits), _array_size(source)
     if isinstance(source, Image.Image):
         _check_size(source.size, "the PIL image", limits)
         with _decoding_errors("the PIL image"):
-            return _finish_pil(source, "the PIL image", limits)
+            size = _upright_size(source, "the PIL image")
+            return _finish_pil(source, "the PIL image", limits), size
     if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageError("the image bytes are empty (0 bytes); pass the contents of an image file")
         return _load_file(io.BytesIO(bytes(source)), "the image bytes", limits)
     if isinstance(source, (str, os.PathLike)):
         path = _existing_file(source)
@@ -111,10 +125,12 @@ def _existing_file(source: str | os.PathLike) -> Path:
         raise ImageError(f"{path}: no such file; check the path")
     if not os.access(path, os.R_OK):
         raise ImageError(f"{path}: permission denied; make the file readable")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ImageError(f"{path} is empty (0 bytes); it holds no image, copy or export it again")
     return path
 
 
-def _load_file(file: Path | IO[bytes], name: str, limits: ImageLimits) -> np.ndarray:
+def _load_file(file: Path | IO[bytes], name: str, limits: ImageLimits) -> tuple[np.ndarray, tuple[int, int]]:
     """Open lazily, check the header's size, then decode (scaled down already where JPEG allows)."""
     with _decoding_errors(name):
         # Pillow warns (and refuses at twice its limit) about large images; our own size check is
@@ -123,9 +139,24 @@ def _load_file(file: Path | IO[bytes], name: str, limits: ImageLimits) -> np.nda
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(file) as img:
                 _check_size(img.size, name, limits)
+                size = _upright_size(img, name)  # from the header, before draft shrinks img.size
                 _draft_smaller(img, limits)
                 img.load()
-                return _finish_pil(img, name, limits)
+                return _finish_pil(img, name, limits), size
+
+
+def _upright_size(img: Image.Image, name: str) -> tuple[int, int]:
+    """(height, width) of the image once its EXIF orientation is applied."""
+    width, height = img.size
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: _upright keeps the image as stored
+        orientation = 1
+    return (width, height) if orientation in _SWAPPING_ORIENTATIONS else (height, width)
+
+
+def _array_size(array: np.ndarray) -> tuple[int, int]:
+    return int(array.shape[0]), int(array.shape[1])
 
 
 @contextlib.contextmanager
@@ -135,10 +166,13 @@ def _decoding_errors(name: str) -> Iterator[None]:
         yield
     except ImageError:
         raise
-    except Image.DecompressionBombError:
+    except Image.DecompressionBombError as error:
+        # Pillow's guard fires at opening, before our own check: its message holds the size.
+        found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(error))
+        size = f"has {int(found.group(1)):,} pixels, more than the {int(found.group(2)):,} " if found else "has more pixels than "
         raise ImageError(
-            f"{name} is too large: more pixels than Pillow allows (Image.MAX_IMAGE_PIXELS); "
-            "downscale it first"
+            f"{name} {size}Pillow opens safely (a possible decompression bomb); downscale it first, "
+            "or raise the limit (--max-pixels, ImageLimits.max_pixels) if you trust the file"
         ) from None
     except UnidentifiedImageError:
         raise ImageError(f"{name} is not an image Pillow can read; convert it to JPEG or PNG") from None
@@ -154,7 +188,8 @@ def _check_size(size: tuple[int, int], name: str, limits: ImageLimits) -> None:
     if width * height > limits.max_pixels:
         raise ImageError(
             f"{name} has {width}x{height} = {width * height:,} pixels, more than the limit of "
-            f"{limits.max_pixels:,}; downscale it first (or raise ImageLimits.max_pixels if you trust it)"
+            f"{limits.max_pixels:,}; downscale it first, or raise the limit (--max-pixels, "
+            "ImageLimits.max_pixels) if you trust the file"
         )
     if min(width, height) < limits.min_side:
         raise ImageError(

@@ -116,6 +116,14 @@ class ClipCount(nn.Module):
         length = self.text_context.token_length(self.config.clip.text.context_length)
         return self.tokenizer(list(prompts), context_length=length).to(self.pixel_mean.device)
 
+    def prompt_cut(self, prompt: str) -> str | None:
+        """The words of `prompt` the text encoder reads when it is too long to read whole, else None.
+
+        CLIP's context holds 77 tokens, less the start and end tokens and the learned context."""
+        capacity = self.config.clip.text.context_length - 2 - self.text_context.num_tokens
+        ids = self.tokenizer.encode(prompt)
+        return self.tokenizer.decode(ids[:capacity]) if len(ids) > capacity else None
+
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """P prompts -> text embeddings (P, 1, E)."""
         return self.text_context(self.clip, self.tokenize(prompts))
