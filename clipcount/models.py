@@ -124,6 +124,12 @@ def warn_if_demo(source: str | os.PathLike, stacklevel: int = 3) -> None:
         warnings.warn(demo_notice(), DemoModelWarning, stacklevel=stacklevel)
 
 
+# What the CLI says, once, after the results of a run with the demo model (the warning above is
+# for Python callers, who read it once in a log rather than on every run).
+DEMO_NOTE = ("note: the demo model knows synthetic shapes only; for photos see "
+             "`clipcount convert-official --help` (--quiet hides this)")
+
+
 def demo_notice() -> str:
     return (
         "using the bundled demo model, trained on synthetic shapes, not real photos: "

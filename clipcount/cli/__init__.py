@@ -13,10 +13,17 @@ from clipcount.errors import ClipCountError
 COMMANDS = ("count", "demo", "serve", "train", "evaluate", "convert", "synthetic", "experiments")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in one line (exit 2) like every other clipcount error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clipcount import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="clipcount",
         description="Text-guided zero-shot object counting (CLIP-Count).",
         epilog="Run `clipcount COMMAND --help` for a command's options and examples.",

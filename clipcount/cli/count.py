@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip images already counted in the --json/--csv FILE "
                         "(and in an interrupted run's journal)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over, discarding what an interrupted run into the same FILE saved "
+                        "(without --resume or --overwrite such a run is refused, so nothing is lost unasked)")
     parser.add_argument("--model", default="demo",
                         help="model name, clipcount checkpoint folder or Hugging Face hub id (default: demo, "
                         "the bundled model trained on synthetic shapes; published: the released CLIP-Count, "
@@ -72,7 +75,51 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="auto: bf16 on a GPU, fp32 on the CPU")
+    add_image_options(parser)
     parser.set_defaults(func=run)
+
+
+def add_image_options(parser: argparse.ArgumentParser) -> None:
+    """--max-pixels and --quiet, shared by count, eval and serve."""
+    from clipcount.imaging import ImageLimits
+
+    default = ImageLimits().max_pixels
+    parser.add_argument("--max-pixels", type=pixel_count, default=default, metavar="N",
+                        help=f"refuse images with more pixels than this, unread (decompression bombs); "
+                        f"default {default:,} ({default / 1e6:.0f} MP); e.g. 300M")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print results and errors only, no notes (demo model, downscaling, resuming)")
+
+
+def pixel_count(text: str) -> int:
+    """'200000000', '200_000_000', '200M' or '200MP' -> 200000000 (an argparse type)."""
+    cleaned = text.strip().upper().replace("_", "").replace(",", "")
+    scale = 1
+    for suffix in ("MP", "M"):
+        if cleaned.endswith(suffix):
+            cleaned, scale = cleaned[: -len(suffix)], 1_000_000
+            break
+    try:
+        value = round(float(cleaned) * scale)
+    except ValueError:
+        value = 0
+    if value < 1 or not cleaned:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pixels; write it like 200000000 or 200M")
+    return value
+
+
+def image_limits(args: argparse.Namespace):
+    """The ImageLimits of --max-pixels. Pillow refuses files over twice its own (process-wide)
+    limit before clipcount can look at them; a command that asks for more raises that limit for
+    its own process, so that --max-pixels is the one limit that decides."""
+    from PIL import Image
+
+    from clipcount.imaging import ImageLimits
+
+    limits = ImageLimits(max_pixels=args.max_pixels)
+    if Image.MAX_IMAGE_PIXELS is not None and limits.max_pixels >= 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels // 2 + 1
+    return limits
 
 
 # ---- the command -------------------------------------------------------------------------------
@@ -81,20 +128,25 @@ def run(args: argparse.Namespace) -> int:
     from clipcount.api import check_prompt_list
     from clipcount.imaging import list_images
 
+    from clipcount.models import DEMO_NOTE, is_synthetic_only
+
     prompts = check_prompt_list(args.prompt)
+    limits = image_limits(args)
     shard = Shard.from_env()
     outputs = Outputs.from_args(args, shard)
+    if not args.resume:
+        outputs.check_no_saved_progress(args.overwrite)
     paths, missing = list_images(args.inputs)  # missing: one line per input that matched nothing
     previous = outputs.previous_rows() if args.resume else {}
     done = completed_images(previous.values(), prompts)
     todo = [path for path in shard.take(paths) if str(path) not in done]
     if args.resume and done:
-        _note(f"resuming: {len(paths) - len(todo)} of {len(paths)} images already counted")
+        _note(f"resuming: {len(paths) - len(todo)} of {len(paths)} images already counted", args)
     journal = Journal(outputs.journal_path(), shard.own_rows(previous.values(), paths))
     failures = _report_missing(missing, prompts, journal) if shard.rank == 0 else 0
     try:
         if todo:
-            failures += _count_images(args, todo, prompts, paths, journal, outputs, shard)
+            failures += _count_images(args, todo, prompts, paths, journal, outputs, shard, limits)
     except KeyboardInterrupt:
         if journal.path is not None:
             _note("stopped; rerun the same command with --resume to count the rest")
@@ -103,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     if rows is not None:  # rank 0, or the only process
         outputs.write(rows, args, prompts)
     journal.remove()
+    if todo and is_synthetic_only(args.model) and shard.rank == 0:
+        _note(DEMO_NOTE, args)  # after the results, so that an error above stays the first line
     return 2 if shard.any_failed(failures) else 0
 
 
@@ -184,15 +238,21 @@ class Shard:
 
 
 def _count_images(args, todo: list[Path], prompts: list[str], all_paths: list[Path],
-                  journal: "Journal", outputs: "Outputs", shard: Shard) -> int:
+                  journal: "Journal", outputs: "Outputs", shard: Shard, limits) -> int:
     """Count `todo`, journaling rows and printing lines as they come; returns the number of failures."""
     from tqdm import tqdm
 
-    counter = load_counter(args, shard.device(args.device))
+    from clipcount.api import PromptCutWarning, prompt_cut_message
+
+    counter = load_counter(args, shard.device(args.device), limits)
+    for prompt, kept in counter.cut_prompts(prompts).items():
+        _note(f"note: {prompt_cut_message(prompt, kept)}", args)
     overlay_names = _overlay_names(all_paths, prompts) if args.overlay else {}
     show_bar = len(todo) > FEW_IMAGES and sys.stderr.isatty()
-    failures = 0
-    with tqdm(total=len(todo), unit="image", disable=not show_bar, file=sys.stderr) as bar:
+    failures, told_downscaled = 0, False
+    with tqdm(total=len(todo), unit="image", disable=not show_bar, file=sys.stderr) as bar, \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptCutWarning)  # said once above, as a note
         for item in counter.count_many(todo, prompts):
             rows = item.to_rows(prompts)
             journal.add(rows)
@@ -200,6 +260,9 @@ def _count_images(args, todo: list[Path], prompts: list[str], all_paths: list[Pa
                 failures += 1
                 bar.write(f"clipcount: error: {item.error}", file=sys.stderr)
             else:
+                if item.downscaled and not told_downscaled and not args.quiet:
+                    bar.write(f"clipcount: {_downscaled_note(item, limits)}", file=sys.stderr)
+                    told_downscaled = True
                 if args.overlay:
                     _write_overlays(item, Path(args.overlay), overlay_names[str(item.source)])
                 if not outputs.uses_stdout:
@@ -209,22 +272,24 @@ def _count_images(args, todo: list[Path], prompts: list[str], all_paths: list[Pa
     return failures
 
 
-def load_counter(args, device: str | None = None):
-    """The Counter for --model, --device, --precision and --stride; the demo model's notice is
-    printed as one plain line (not a Python warning with a source location)."""
+def _downscaled_note(item, limits) -> str:
+    height, width = item.results[0].image_size
+    counted_height, counted_width = item.results[0].density.shape[:2]
+    return (f"note: {item.name} ({width}x{height}) was counted at {counted_width}x{counted_height}, as is "
+            f"every image over {limits.max_side_for_counting} px; points, width and height are in its own pixels")
+
+
+def load_counter(args, device: str | None = None, limits=None):
+    """The Counter for --model, --device, --precision, --stride and --max-pixels. The demo model's
+    Python warning is dropped: commands say it their own way (models.DEMO_NOTE)."""
     from clipcount.api import Counter
     from clipcount.models import DemoModelWarning
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DemoModelWarning)
-        counter = Counter.from_pretrained(args.model, device=device or args.device, precision=args.precision,
-                                          stride=args.stride, windowing=getattr(args, "windowing", None))
-    for warning in caught:
-        if issubclass(warning.category, DemoModelWarning):
-            _note(str(warning.message))
-        else:  # not ours to swallow
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return counter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DemoModelWarning)
+        return Counter.from_pretrained(args.model, device=device or args.device, precision=args.precision,
+                                       stride=args.stride, windowing=getattr(args, "windowing", None),
+                                       limits=limits or image_limits(args))
 
 
 def _report_missing(missing: list[str], prompts: list[str], journal: "Journal") -> int:
@@ -243,8 +308,10 @@ def format_line(row: dict[str, Any]) -> str:
     return f"{row['image']}\t{row['prompt']}\t{'nan' if count is None else f'{count:.2f}'}"
 
 
-def _note(message: str) -> None:
-    print(f"clipcount: {message}", file=sys.stderr)
+def _note(message: str, args: argparse.Namespace | None = None) -> None:
+    """A line on stderr for people; with args, --quiet silences it."""
+    if args is None or not getattr(args, "quiet", False):
+        print(f"clipcount: {message}", file=sys.stderr)
 
 
 # ---- which images are done ---------------------------------------------------------------------
@@ -289,6 +356,8 @@ class Outputs:
             raise ConfigError(f"--json and --csv name the same file {outputs.json}; give them different names")
         if args.resume and outputs.primary_file() is None:
             raise ConfigError("--resume needs an output file to resume from: add --json FILE or --csv FILE")
+        if args.resume and getattr(args, "overwrite", False):
+            raise ConfigError("--resume keeps what an earlier run counted and --overwrite discards it; choose one")
         from clipcount.imaging import check_writable
 
         for flag, name in (("--json", outputs.json), ("--csv", outputs.csv)):
@@ -314,6 +383,19 @@ class Outputs:
         if primary is None:
             return None
         return primary.with_name(f".{primary.name}.clipcount-partial{self.journal_suffix}.jsonl")
+
+    def check_no_saved_progress(self, overwrite: bool) -> None:
+        """Refuse to start over an interrupted run's saved rows unless --overwrite says so."""
+        from clipcount.errors import ConfigError
+
+        journal = self.journal_path()
+        if journal is None or not journal.is_file():
+            return
+        saved = {str(row["image"]) for row in read_journal(journal)}
+        if saved and not overwrite:
+            raise ConfigError(
+                f"an interrupted run into {self.primary_file()} saved {len(saved)} counted image(s) in "
+                f"{journal}; add --resume to continue it, or --overwrite to discard them and start over")
 
     def previous_rows(self) -> dict[tuple[str, str], dict[str, Any]]:
         """Rows of the previous complete outputs and of an interrupted run's journal, by (image, prompt).
@@ -395,7 +477,10 @@ def read_csv_rows(path: Path) -> list[dict[str, Any]]:
         if not reader.fieldnames or not {"image", "prompt", "count"} <= set(reader.fieldnames):
             raise DataError(f"{path} is not a clipcount CSV output (needs image, prompt and count columns); "
                             "move it away or drop --resume")
-        return [_typed_csv_row(row) for row in reader]
+        # A row with fewer fields than the header (None values), such as a last line cut short when
+        # the file was copied or the disk filled, is not a result: dropped, so that its image is
+        # counted again rather than kept as a junk row.
+        return [_typed_csv_row(row) for row in reader if None not in row.values() and None not in row]
 
 
 def _typed_csv_row(row: dict[str, str]) -> dict[str, Any]:
@@ -511,6 +596,7 @@ def _write_overlays(item, folder: Path, names: dict[str, str]) -> None:
     from clipcount.visualize import overlay
 
     for result in item.results:
-        picture = overlay(item.image, result.density, result.points, result.count, result.prompt)
+        # drawn on the image as counted: points go from the file's pixel grid to the density's
+        picture = overlay(item.image, result.density, result.points_on_density(), result.count, result.prompt)
         save_image_atomic(picture, folder / names[result.prompt])
 

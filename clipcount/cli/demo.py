@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipcount.cli.count import run as run_count
-    from clipcount.imaging import check_writable
+    from clipcount.imaging import ImageLimits, check_writable
     from clipcount.models import REGISTRY, resolve_model
 
     check_writable(args.out, "--out", folder=True)
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     count_args = argparse.Namespace(
         inputs=[str(example)], prompt=prompts, json=None, csv=None, overlay=args.out, resume=False,
-        model="demo", stride=None, device=args.device, precision="auto",
+        overwrite=False, model="demo", stride=None, device=args.device, precision="auto",
+        max_pixels=ImageLimits().max_pixels, quiet=False,
     )
     code = run_count(count_args)
     truth = json.loads((folder / "config.json").read_text()).get("example", {}).get("counts", {})

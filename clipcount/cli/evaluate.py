@@ -53,13 +53,17 @@ def register(subparsers) -> None:
                         help="auto: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--batch", type=int, default=64, help="windows per forward pass (default 64)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from clipcount.cli.count import add_image_options
+
+    add_image_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipcount.cli.count import _note, image_limits
     from clipcount.data import build_dataset
     from clipcount.engine.evaluate import evaluate
-    from clipcount.models import resolve_model, warn_if_demo
+    from clipcount.models import DEMO_NOTE, is_synthetic_only, resolve_model
     from clipcount.modeling.checkpoint import load_model
 
     name, kwargs = dataset_arguments(args)
@@ -67,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
         from clipcount.imaging import check_writable
 
         check_writable(args.out, "--out", folder=True)
+    limits = image_limits(args)
     dataset = build_dataset(name, args.root, split=args.split or "test", **kwargs)
-    warn_if_demo(args.model)
+    dataset.max_pixels = limits.max_pixels
     model = load_model(resolve_model(args.model))
     device = None if args.device == "auto" else args.device
     report = evaluate(model, dataset, stride=args.stride, out_dir=args.out, progress=not args.no_progress,
@@ -77,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     if report.summary_json is not None:
         print(f"wrote {report.predictions_csv} and {report.summary_json}")
+    if is_synthetic_only(args.model):
+        _note(DEMO_NOTE, args)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 EXAMPLES = """examples:
@@ -44,7 +45,23 @@ def register(subparsers) -> None:
                         "evaluation's; default: the model's (published for the published model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    from clipcount.cli.count import add_image_options
+
+    add_image_options(parser)
     parser.set_defaults(func=run)
+
+
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+
+
+def file_size(text: str) -> str:
+    """An upload limit as Gradio takes it ('10mb'), checked here: Gradio only fails at launch."""
+    found = re.fullmatch(r"\s*(\d+)\s*([kmgt]?b)\s*", str(text), flags=re.IGNORECASE)
+    if found is None or int(found.group(1)) == 0:
+        from clipcount.errors import ConfigError
+
+        raise ConfigError(f"--max-file-size {text!r} is not a size; write it like 500kb, 10mb or 2gb")
+    return f"{int(found.group(1))}{found.group(2).lower()}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,19 +71,30 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be between 1 and 65535, not {args.port}")
     if args.queue_size < 1:
         raise ConfigError(f"--queue-size must be at least 1, not {args.queue_size}")
+    max_file_size = file_size(args.max_file_size)  # before the model loads, not after
     web = _import_web()
-    from clipcount.cli.count import load_counter
+    from clipcount.cli.count import _note, load_counter
+    from clipcount.models import DEMO_NOTE, is_synthetic_only
 
     counter = load_counter(args)
     if args.host not in _LOCAL_HOSTS:
         print(f"clipcount: serving on {args.host}: anyone who can reach this machine can use the page",
               file=sys.stderr)
     try:
-        web.serve(counter, host=args.host, port=args.port, max_file_size=args.max_file_size,
-                  queue_size=args.queue_size)
+        # Gradio's own start-up lines include advice on public share links, which this local,
+        # offline page does not offer: it stays quiet and the address is printed here instead.
+        server = web.serve(counter, host=args.host, port=args.port, max_file_size=max_file_size,
+                           queue_size=args.queue_size, block=False, quiet=True)
     except OSError as error:
         raise ConfigError(f"cannot listen on {args.host}:{args.port} ({error}); "
                           "choose another port with --port") from None
+    print(f"clipcount: the counting page is at {server.url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+    if is_synthetic_only(args.model):
+        _note(DEMO_NOTE, args)
+    try:
+        server.app.block_thread()
+    finally:
+        server.page.close()
     return 0
 
 

@@ -82,19 +82,26 @@ def as_points(points: object) -> np.ndarray:
 
 # ---- image files ------------------------------------------------------------------------------
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file as it is meant to be seen (EXIF rotation applied), RGB.
 
-    Returns (H, W, 3) float32 in [0, 1]. Raises DataError naming the file if it is missing or
-    cannot be decoded.
+    Returns (H, W, 3) float32 in [0, 1]. Raises DataError naming the file if it is missing, cannot
+    be decoded, or has more than `max_pixels` pixels (checked from the header, before decoding).
     """
     path = Path(path)
     try:
         with Image.open(path) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise DataError(f"image {path} has {im.width}x{im.height} = {im.width * im.height:,} pixels, "
+                                f"more than the limit of {max_pixels:,}; downscale it, or raise --max-pixels")
             im = ImageOps.exif_transpose(im)
             rgb = im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image file {path} not found; check the dataset root") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image {path} is too large to open safely ({exc}); downscale it, or raise --max-pixels") from None
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read image {path} ({exc}); replace or remove the file") from None
     return np.asarray(rgb, dtype=np.float32) / 255.0
@@ -205,6 +212,7 @@ class CountingDataset(Sequence[CountingSample]):
     def __init__(self, records: list[SampleRecord], skipped: list[tuple[str, str]] | None = None):
         self.records = records
         self.skipped: list[tuple[str, str]] = list(skipped or [])
+        self.max_pixels: int | None = None  # images with more pixels are refused unread (eval --max-pixels)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -217,7 +225,7 @@ class CountingDataset(Sequence[CountingSample]):
         return self.load(self.records[int(index)])
 
     def load(self, record: SampleRecord) -> CountingSample:
-        image = load_image(record.image_path)
+        image = load_image(record.image_path, self.max_pixels)
         return CountingSample(
             image=image,
             points=record.points.copy(),

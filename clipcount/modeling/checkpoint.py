@@ -52,14 +52,63 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise CheckpointError(f"{path} is not a clipcount checkpoint; give its folder (with {WEIGHTS_NAME} and {CONFIG_NAME})")
+    if looks_like_path(source):
+        raise CheckpointError(f"{source}: no such checkpoint folder; check the path (a checkpoint is made by "
+                              "`clipcount convert-official` or `clipcount train`)")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
         return _download(str(source))
     raise CheckpointError(f"checkpoint {source!r} not found: give a folder, or a hub id like user/model")
 
 
+# File endings of weights and configs: a name ending so is a file path, not a hub id.
+_FILE_SUFFIXES = (".safetensors", ".json", ".ckpt", ".pth", ".pt", ".bin", ".zip", ".tar", ".gz")
+
+
+def looks_like_path(source: str | os.PathLike) -> bool:
+    """Whether a model argument that exists nowhere was meant as a local path, not a hub id.
+
+    A hub id is exactly `owner/name`. Anything else with a separator (absolute, ./ ~/ or more
+    parts), a file ending, or a first part that exists here (e.g. `weights/` before the model was
+    converted into it) is a path: it gets "no such folder" at once, not a minute of network retries.
+    """
+    if not isinstance(source, str):
+        return True  # a Path object
+    text = source.strip()
+    parts = text.replace("\\", "/").split("/")
+    return (
+        "\\" in text or text.startswith(("/", "~", "."))
+        or text.endswith("/") or len(parts) > 2 or text.lower().endswith(_FILE_SUFFIXES)
+        or (len(parts) == 2 and Path(parts[0]).exists())
+    )
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, if that is plain at once (no name resolution); else None.
+
+    huggingface_hub retries failed requests for about a minute; without a network that only
+    delays the answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None  # offline mode reads the local cache; let it
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"cannot resolve {host}: no network"
+    return None
+
+
 def _download(repo_id: str) -> Path:
     from huggingface_hub import hf_hub_download
 
+    reason = _hub_unreachable()
+    if reason is not None:
+        raise CheckpointError(f"{repo_id!r} is no local folder, and the Hugging Face hub cannot be reached to "
+                              f"download it ({reason}); check the path, or connect to the network")
     try:
         weights = hf_hub_download(repo_id, WEIGHTS_NAME)
         hf_hub_download(repo_id, CONFIG_NAME)
