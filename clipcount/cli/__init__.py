@@ -17,7 +17,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors in one line (exit 2) like every other clipcount error."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+        self.exit(2, f"clipcount: error: {message}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,10 @@ HEAD_INIT_FRACTION = 1 / 16
 
 def mean_target_density(dataset: torch.utils.data.Dataset, n: int = 32) -> float:
     """The mean pixel of the density maps of the dataset's first `n` items (deterministic)."""
+    if len(dataset) == 0:  # said here, before numpy would warn about the mean of nothing
+        from clipcount.errors import ConfigError
+
+        raise ConfigError("the training dataset is empty; check the dataset root and split")
     items = [dataset[i] for i in range(min(n, len(dataset)))]
     return float(np.mean([float(item["density"].mean()) for item in items]))
 
