@@ -125,7 +125,7 @@ def test_missing_model_folder_is_said_at_once_without_the_hub(picture, tmp_path)
     (tmp_path / "weights").mkdir()  # the README's folder, before converting into it
     done = run_cli("count", str(picture), "-p", "dots", "--model", "weights/clip-count-published",
                    cwd=tmp_path, env={"HF_HUB_OFFLINE": ""})
-    assert_one_line_error(done, "weights/clip-count-published", "no such checkpoint folder")
+    assert_one_line_error(done, "checkpoint folder weights/clip-count-published not found")
 
 
 def test_unreachable_hub_is_said_at_once(monkeypatch):
@@ -366,3 +366,21 @@ def test_serve_prints_its_address_not_gradio_share_advice(tiny_checkpoint, monke
     assert "share" not in captured.out + captured.err
     assert "http://127.0.0.1:7860/" in captured.err
     assert launched["quiet"] is True and launched["max_file_size"] == "20mb"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "--dataset", "folder", "--root", "data", "--batch", "0"], ("--batch",)),
+    (["eval", "--dataset", "folder", "--root", "data", "--stride", "-3"], ("--stride",)),
+    (["train", "--tiny", "--dataset", "folder", "--root", "data", "--out", "afile"], ("--out", "afile")),
+])
+def test_more_bad_options_are_one_line_errors(argv, words, tiny_checkpoint, tmp_path, make_image, capsys, monkeypatch):
+    from clipcount.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    make_image(tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "annotations.csv").write_text("image,class,x,y\na.png,dots,10,10\n")
+    (tmp_path / "afile").write_text("in the way")
+    model = [] if argv[0] == "train" else ["--model", str(tiny_checkpoint)]
+    assert main([*argv, *model, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and all(word in err for word in words), err

@@ -66,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
     from clipcount.models import DEMO_NOTE, is_synthetic_only, resolve_model
     from clipcount.modeling.checkpoint import load_model
 
+    from clipcount.errors import ConfigError
+
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be at least 1 window, not {args.batch}")
+    if args.stride is not None and args.stride < 1:
+        raise ConfigError(f"--stride must be a positive number of pixels, not {args.stride}")
     name, kwargs = dataset_arguments(args)
     if args.out:
         from clipcount.imaging import check_writable

@@ -117,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset.strip().lower().replace("_", "-") == "fsc147-s":
         raise ConfigError("FSC-147-S has counts only, no object points, so it cannot train a density map; "
                           "evaluate on it with `clipcount eval --dataset fsc147-s`")
+    from clipcount.imaging import check_writable
+
+    check_writable(args.out, "--out", folder=True)  # before any work, not at the first checkpoint
     earlier_run = find_checkpoint(Path(args.out), LAST) is not None
     if earlier_run and not args.resume:
         raise ConfigError(f"{args.out} already holds a training run; add --resume to continue it, or choose another --out")

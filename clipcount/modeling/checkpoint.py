@@ -53,7 +53,7 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
     if path.exists():
         raise CheckpointError(f"{path} is not a clipcount checkpoint; give its folder (with {WEIGHTS_NAME} and {CONFIG_NAME})")
     if looks_like_path(source):
-        raise CheckpointError(f"{source}: no such checkpoint folder; check the path (a checkpoint is made by "
+        raise CheckpointError(f"checkpoint folder {source} not found; check the path (a checkpoint is made by "
                               "`clipcount convert-official` or `clipcount train`)")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
         return _download(str(source))
