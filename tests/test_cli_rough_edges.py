@@ -384,3 +384,16 @@ def test_more_bad_options_are_one_line_errors(argv, words, tiny_checkpoint, tmp_
     assert main([*argv, *model, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and all(word in err for word in words), err
+
+
+@pytest.mark.parametrize("content", [b"", b"some notes\nmore\n", b"\xff\xd8\xff\xe0 not really a jpeg"])
+def test_convert_official_on_a_non_checkpoint(content, tmp_path, capsys):
+    from clipcount.cli import main
+
+    (tmp_path / "thing.ckpt").write_bytes(content)
+    assert main(["convert-official", str(tmp_path / "thing.ckpt"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "thing.ckpt is not a CLIP-Count checkpoint" in err
+    assert "weights_only" not in err and "pop from empty list" not in err and "PyTorch 2.6" not in err
+    assert ("empty" in err) == (content == b"")
+    assert not (tmp_path / "out").exists()

@@ -40,6 +40,8 @@ def save_model(model: ClipCount, folder: str | os.PathLike, extra: dict | None =
 
 def resolve_checkpoint(source: str | os.PathLike) -> Path:
     """A clipcount checkpoint folder, its weights file, or a Hugging Face hub id (downloaded)."""
+    if not str(source).strip():
+        raise CheckpointError("no model given; pass a model name (demo), a checkpoint folder or a hub id")
     path = Path(source).expanduser()
     if path.is_file() and path.name in (WEIGHTS_NAME, CONFIG_NAME):
         path = path.parent

@@ -120,15 +120,23 @@ def load_official_file(path: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals(_allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
-        text = str(error).strip()
-        unsafe = re.search(r"GLOBAL ([\w.]+)", text)
-        reason = (f"it holds a pickled {unsafe.group(1)}, which clipcount does not unpickle (no code from "
-                  "checkpoints is run)" if unsafe else (text.splitlines()[0] if text else type(error).__name__))
-        raise CheckpointError(f"{path} is not a CLIP-Count checkpoint clipcount can read safely: {reason}") from None
+        raise CheckpointError(f"{path} is not a CLIP-Count checkpoint: {_unreadable_reason(path, error)}") from None
     state = obj.get("state_dict") if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not any(k.startswith("model.fim_blocks.") for k in state):
         raise CheckpointError(f"{path} has no CLIP-Count 'state_dict' (expected keys like model.fim_blocks.0.*)")
     return obj
+
+
+def _unreadable_reason(path: Path, error: Exception) -> str:
+    """Why torch.load refused a file, for people: not torch's advice to unpickle it anyway
+    (weights_only=False runs code from the file), nor its internal errors ("pop from empty list")."""
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes); download it again"
+    unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if unsafe:
+        return (f"it holds a pickled {unsafe.group(1)}, which clipcount does not unpickle (no code from "
+                "checkpoints is run)")
+    return "it is not a PyTorch checkpoint file; give the published .ckpt (clipcount_pretrained.ckpt)"
 
 
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
