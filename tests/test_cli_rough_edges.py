@@ -397,3 +397,15 @@ def test_convert_official_on_a_non_checkpoint(content, tmp_path, capsys):
     assert "weights_only" not in err and "pop from empty list" not in err and "PyTorch 2.6" not in err
     assert ("empty" in err) == (content == b"")
     assert not (tmp_path / "out").exists()
+
+
+def test_warnings_are_one_plain_line(tiny_checkpoint, tmp_path, make_image):
+    make_image(tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (tmp_path / "data" / "annotations.csv").write_text("image,class,x,y\na.png,dots,10,10\nbroken.png,dots,5,5\n")
+    done = run_cli("eval", "--model", str(tiny_checkpoint), "--dataset", "folder", "--root", "data",
+                   "--skip-bad", "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines and all(line.startswith("clipcount: warning: ") for line in lines), done.stderr
+    assert any("broken.png" in line for line in lines) and ".py:" not in done.stderr

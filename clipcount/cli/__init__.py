@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from clipcount.errors import ClipCountError
 
@@ -41,10 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning (a skipped image, say) as one line for people: no source file and line."""
+    print(f"clipcount: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # restores Python's own display when the command ends
+            warnings.showwarning = _warning_line
+            return int(args.func(args) or 0)
     except ClipCountError as error:
         print(f"clipcount: error: {error}", file=sys.stderr)
         return 2
