@@ -126,7 +126,7 @@ def warn_if_demo(source: str | os.PathLike, stacklevel: int = 3) -> None:
 
 # What the CLI says, once, after the results of a run with the demo model (the warning above is
 # for Python callers, who read it once in a log rather than on every run).
-DEMO_NOTE = "note: the demo model knows synthetic shapes only; for photos see `clipcount convert-official --help`"
+DEMO_NOTE = "note: the demo model knows synthetic shapes only; for photos use --model published"
 
 
 def demo_notice() -> str:
