@@ -199,7 +199,7 @@ def test_demo_model_is_the_default_and_says_what_it_is(photos, tiny_checkpoint, 
     monkeypatch.setitem(models.REGISTRY, "demo", NamedModel("demo", tiny_checkpoint, "stand-in", True))
     assert main(["count", str(photos / "a.png"), "-p", "dots"]) == 0
     err = capsys.readouterr().err
-    assert err.count("synthetic shapes") == 1 and "convert-official" in err
+    assert err.count("synthetic shapes") == 1 and "--model published" in err
 
 
 def test_demo_model_not_installed(photos, tmp_path, monkeypatch, capsys):

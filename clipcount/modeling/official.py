@@ -120,7 +120,8 @@ def load_official_file(path: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals(_allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"{path} is not a CLIP-Count checkpoint: {_unreadable_reason(path, error)}") from None
+        raise CheckpointError(f"{path} is not a CLIP-Count checkpoint clipcount can read safely: "
+                              f"{_unreadable_reason(path, error)}") from None
     state = obj.get("state_dict") if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not any(k.startswith("model.fim_blocks.") for k in state):
         raise CheckpointError(f"{path} has no CLIP-Count 'state_dict' (expected keys like model.fim_blocks.0.*)")
