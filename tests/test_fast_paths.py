@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from clipcount.config import tiny_config
 from clipcount.engine.head_init import init_density_head
-from clipcount.engine.inference import CPU_MAX_BATCH, DensityPredictor
+from clipcount.engine.inference import CPU_MAX_BATCH, CastWeights, DensityPredictor
 from clipcount.engine.windows import count_image
 from clipcount.modeling.clip_count import ClipCount
 from clipcount.modeling.decoder import _ACTIVATIONS
@@ -199,3 +199,53 @@ def test_building_on_the_meta_device_imports_no_compiler():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_auto_precision_rule(monkeypatch, tmp_path):
+    """auto: bf16 interaction and decoder on a CPU with native bf16 (flags in /proc/cpuinfo), the
+    CLIP towers float32 there; float32 throughout elsewhere; bf16 everywhere on a GPU."""
+    from clipcount.engine import inference
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert inference.cpu_has_native_bf16.__wrapped__(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    assert not inference.cpu_has_native_bf16.__wrapped__(str(info))
+    assert not inference.cpu_has_native_bf16.__wrapped__(str(tmp_path / "missing"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda native=native: native)
+        assert inference.pick_dtype(cpu, "auto") == (torch.bfloat16 if native else None)
+        assert inference.pick_encoder_dtype(cpu, "auto") is None
+        assert inference.pick_dtype(cpu, "fp32") is None and inference.pick_encoder_dtype(cpu, "bf16") == torch.bfloat16
+    assert inference.pick_dtype(cuda, "auto") == inference.pick_encoder_dtype(cuda, "auto") == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["bf16", "auto"])
+def test_bf16_weight_copies_give_autocast_counts(model, precision, monkeypatch):
+    """Weights cast once (CastWeights) give autocast's counts (within bf16 rounding: a few products
+    such as bias x scale round in bf16 instead of float32), and the model gets its own float32
+    parameters back after each call."""
+    from clipcount.engine import inference
+
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    img = image(64, 150, seed=3)
+    originals = {name: p for name, p in model.named_parameters()}
+    cached = DensityPredictor(model, stride=STRIDE, device="cpu", precision=precision)
+    assert cached._weights is not None and cached._weights.slots
+    swapped = {f"{id(m)}.{n}" for m, n, _, _ in cached._weights.slots}
+    encoder = {f"{id(m)}.{n}" for m, n, _, _ in CastWeights(model, torch.bfloat16).slots
+               if any(m is x for x in model.clip.visual.modules())}
+    assert encoder and (encoder <= swapped) == (precision == "bf16")  # auto: the encoder stays float32
+    plain = DensityPredictor(model, stride=STRIDE, device="cpu", precision=precision)
+    plain._weights = None
+    for ours, reference in zip(cached.predict(img, PROMPTS[:2]), plain.predict(img, PROMPTS[:2])):
+        assert abs(float(ours.sum()) - float(reference.sum())) <= 0.005 * abs(float(reference.sum()))
+    assert all(p is originals[name] and p.dtype == torch.float32 for name, p in model.named_parameters())
+
+
+def test_density_head_runs_float32_under_autocast(model):
+    maps = [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 16, 16)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        density = model.decoder(maps, (64, 64))
+    assert density.dtype == torch.float32

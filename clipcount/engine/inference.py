@@ -5,10 +5,12 @@ text embeddings cached. Everything that counts (the API, the CLI, evaluation) go
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+from torch import nn
 
 from clipcount.engine.windows import WINDOWINGS, merge_windows, plan_windows, resize_to_height, split_windows
 from clipcount.modeling.clip_count import ClipCount, check_prompts
@@ -20,10 +22,31 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
+# CPU flags (Linux /proc/cpuinfo) of native bf16 arithmetic: AVX512-BF16 dot products, AMX tiles.
+# Without them torch emulates bf16 in float32 registers, slower than plain float32.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (any of BF16_CPU_FLAGS); False where
+    /proc/cpuinfo cannot be read (macOS, Windows): `auto` then stays float32."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
 def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype: bf16 on a GPU by default, none (float32) on the CPU."""
+    """The autocast dtype of the prompt-dependent part (interaction and decoder).
+
+    `auto`: bf16 on a GPU and on a CPU with native bf16 (cpu_has_native_bf16), else none (float32).
+    benchmarks/precision.py measures what it costs: within 0.5% of float32 counts on its scenes."""
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else None
     if precision in ("fp32", "float32"):
         return None
     if precision in ("bf16", "bfloat16"):
@@ -31,9 +54,56 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | N
     raise ValueError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
 
 
+def pick_encoder_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of the CLIP towers (image and text encoders): pick_dtype's, except that
+    `auto` keeps them in float32 on a CPU. The image encoder's bf16 matmuls moved counts by up to
+    0.73% on the benchmark scenes (the interaction and decoder in bf16: 0.2%), more than the 0.5%
+    that `auto` may cost; `bf16` asks for it anyway (the fastest: ~3x on one prompt)."""
+    if precision == "auto" and device.type == "cpu":
+        return None
+    return pick_dtype(device, precision)
+
+
 # On a CPU a few windows already keep the matmul units busy (3 windows of ViT-B/16 are 651 token
-# rows); larger batches only raise peak memory (activations, allocator and oneDNN caches).
+# rows); larger batches only raise peak memory (activations, allocator and oneDNN caches). The same
+# holds for (window, prompt) pairs: 4, 12 or 24 pairs per pass took the same time per pair.
 CPU_MAX_BATCH = 4
+
+
+# Modules the bf16 weight copies leave alone: the text tower (run once per prompt, its embeddings
+# cached) and the density head, which runs in float32 (DensityDecoder.forward).
+KEEP_WEIGHTS = ("clip.transformer.", "decoder.final_conv.")
+ENCODER_WEIGHTS = ("clip.visual.", "visual_prompts.")  # also left alone while the encoder runs float32
+
+
+class CastWeights:
+    """Low-precision copies of a model's Linear and Conv2d weights, swapped in around a call.
+
+    Autocast casts a float32 weight on every use (it caches casts only of parameters that require
+    grad, and only within one autocast region): on a CPU that is a pass over all the ViT's weights
+    per batch of windows, a sixth of the time of a bf16 count. The copies are the values autocast
+    would cast to (a few products, e.g. QuickGELU's bias x scale, then round in bf16 too: counts
+    agree to bf16 rounding); they cost half the swapped weights' memory.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = KEEP_WEIGHTS):
+        self.slots = [
+            (module, name, weight, weight.detach().to(dtype))
+            for path, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and not f"{path}.".startswith(keep)
+            for name, weight in module._parameters.items()
+            if weight is not None and weight.is_floating_point()
+        ]
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        for module, name, _, cast in self.slots:
+            module._parameters[name] = cast
+        try:
+            yield
+        finally:
+            for module, name, original, _ in self.slots:
+                module._parameters[name] = original
 
 
 class DensityPredictor:
@@ -52,21 +122,32 @@ class DensityPredictor:
             raise ValueError(f"unknown windowing {self.windowing!r}; use one of {', '.join(WINDOWINGS)}")
         self.device = pick_device(device)
         self.autocast_dtype = pick_dtype(self.device, precision)
+        self.encoder_dtype = pick_encoder_dtype(self.device, precision)
         self.model = model.to(self.device).eval()
         self.stride = stride
         self.max_batch = min(max_batch, CPU_MAX_BATCH) if self.device.type == "cpu" else max_batch
         self.window = model.config.window_size
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
+        # bf16 on a CPU: weights cast once here, not on every call (CastWeights)
+        keep = KEEP_WEIGHTS + (ENCODER_WEIGHTS if self.encoder_dtype is None else ())
+        self._weights = (CastWeights(self.model, self.autocast_dtype, keep)
+                         if self.autocast_dtype is not None and self.device.type == "cpu" else None)
 
     @property
     def density_scale(self) -> float:
         return self.model.config.density_scale
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
+    def _autocast(self, towers: bool = False):
+        """Autocast for the CLIP towers (`towers`: image and text encoders) or the density part."""
+        dtype = self.encoder_dtype if towers else self.autocast_dtype
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        if self._weights is not None:
+            stack.enter_context(self._weights.swapped())
+        return stack
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -74,7 +155,7 @@ class DensityPredictor:
         check_prompts(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if missing:
-            with self._autocast():
+            with self._autocast(towers=True):
                 encoded = self.model.encode_text(missing)
             for prompt, embedding in zip(missing, encoded):
                 self._text_cache[prompt] = embedding
@@ -88,7 +169,7 @@ class DensityPredictor:
     def encode_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """(K, 3, S, S) in [0, 1] -> patch tokens (K, N, C), in chunks of `max_batch`."""
         chunks = []
-        with self._autocast():
+        with self._autocast(towers=True):
             for first in range(0, windows.shape[0], self.max_batch):
                 chunk = windows[first : first + self.max_batch].to(self.device, non_blocking=True)
                 chunks.append(self.model.encode_image(chunk))

@@ -65,6 +65,10 @@ class DensityDecoder(nn.Module):
             x = conv(x)
             if stage < last:
                 x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = self.final_conv(x)  # (B, 1, h, w)
-        x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
-        return _ACTIVATIONS[self.activation](x)
+        # the head runs in float32 even under autocast: bf16 rounding of the pre-activation is
+        # unbiased, but a convex activation (softplus, exp-like near 0) turns it into a bias of
+        # +0.7% on every count; one channel, so it costs nothing
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.final_conv(x.float())  # (B, 1, h, w)
+            x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+            return _ACTIVATIONS[self.activation](x)

@@ -1,0 +1,131 @@
+"""Do bf16 counts stay within 0.5% of float32 counts? Measured, on this machine's CPU (or --device).
+
+    python benchmarks/precision.py [--n 20] [--device cpu] [--out precision.json]
+
+Two models, each counted by `DensityPredictor` at fp32 and at bf16 on the same images:
+- the bundled demo model on the counting benchmark's test scenes (benchmarks/counting.py, `--n`
+  scenes of each kind: seen, held-out, fidelity; every prompt of each scene);
+- the published model's compat checkpoint, rebuilt by the rule of shared/reference/compat (random
+  weights; tests/modeling/official_rule.py), on the compat vectors' four 384x384 images and three
+  wide images (their prompts).
+
+A row per set and precision (`auto`: on a CPU with native bf16, the interaction and decoder in bf16,
+the CLIP towers in float32; `bf16`: everything but the density head in bf16): how many counts, the largest and the median |bf16 - fp32| / fp32, the mean signed
+difference (a bias shows there), and whether the largest stays within TARGET. `auto` precision
+picks bf16 on CPUs with native bf16 (clipcount.engine.inference.cpu_has_native_bf16) on the
+strength of this check: rerun it after changing the model or its precision policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import print_table, write_json  # noqa: E402
+from clipcount.engine.inference import DensityPredictor, cpu_has_native_bf16  # noqa: E402
+
+TARGET = 0.005  # |bf16 - fp32| / fp32, every count
+COMPAT = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "compat"
+LOW_PRECISIONS = ("auto", "bf16")  # auto on a CPU with native bf16: bf16 interaction and decoder only
+COLUMNS = ("model", "set", "precision", "counts", "fp32 mean", "max rel", "median rel", "mean signed", "target", "ok")
+
+Case = tuple[torch.Tensor, list[str]]  # an image (3, H, W) in [0, 1] and the prompts counted in it
+
+
+def counts(model, cases: Sequence[Case], precision: str, device: str) -> list[float]:
+    predictor = DensityPredictor(model, stride=min(128, model.config.window_size), device=device, precision=precision)
+    return [predictor.count(d) for image, prompts in cases for d in predictor.predict(image, prompts)]
+
+
+def compare(model, name: str, set_name: str, cases: Sequence[Case], device: str) -> list[dict]:
+    """One row per low precision (auto, bf16) against float32 on the same cases."""
+    fp32 = np.array(counts(model, cases, "fp32", device))
+    return [compare_one(name, set_name, fp32, precision, np.array(counts(model, cases, precision, device)))
+            for precision in LOW_PRECISIONS]
+
+
+def compare_one(name: str, set_name: str, fp32: np.ndarray, precision: str, bf16: np.ndarray) -> dict:
+    signed = (bf16 - fp32) / np.maximum(np.abs(fp32), 1e-6)
+    worst = float(np.abs(signed).max())
+    print(f"  {name} / {set_name} / {precision}: {len(fp32)} counts, max rel {worst:.2e}", flush=True)
+    return {"model": name, "set": set_name, "precision": precision, "counts": len(fp32), "fp32 mean": float(fp32.mean()),
+            "max rel": f"{worst:.2%}", "median rel": f"{statistics.median(np.abs(signed)):.2%}",
+            "mean signed": f"{signed.mean():+.2%}", "target": f"<= {TARGET:.1%}", "ok": "yes" if worst <= TARGET else "NO",
+            "fp32": fp32.tolist(), "bf16": bf16.tolist(), "max_rel": worst}
+
+
+def demo_cases(n: int) -> dict[str, list[Case]]:
+    from benchmarks.counting import SCENE_KINDS, make_test_scene
+
+    cases: dict[str, list[Case]] = {}
+    for kind in SCENE_KINDS:
+        for index in range(n):
+            scene = make_test_scene(10_000_000, kind, index)
+            image = torch.from_numpy(scene.image.transpose(2, 0, 1).astype(np.float32) / 255.0)
+            cases.setdefault(f"benchmark scenes: {kind}", []).append((image, list(scene.prompts.values())))
+    return cases
+
+
+def compat_model(tmp: Path):
+    """The rule-built published checkpoint, converted (None, with a note, when the vectors are absent)."""
+    if not COMPAT.is_dir():
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from clipcount.modeling.checkpoint import load_model
+    from clipcount.modeling.official import convert_official
+    from tests.modeling.official_rule import write_official_checkpoint
+
+    ckpt = write_official_checkpoint(tmp / "published.ckpt", extra={"hyper_parameters": {"decoder_head": 4}})
+    return load_model(convert_official(ckpt, tmp / "converted"))
+
+
+def compat_cases() -> dict[str, list[Case]]:
+    images = np.random.default_rng(2024).random((4, 3, 384, 384), dtype=np.float32)
+    prompts = json.loads((COMPAT / "expected.json").read_text())["prompts"]
+    wide = [(torch.from_numpy(np.random.default_rng(c["seed"]).random((1, 3, 384, c["width"]), dtype=np.float32))[0],
+             [c["prompt"]]) for c in json.loads((COMPAT / "wide_expected.json").read_text())]
+    return {"compat vectors: 384x384": [(torch.from_numpy(i), [p]) for i, p in zip(images, prompts)],
+            "compat vectors: wide": wide}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=20, help="benchmark scenes of each kind (default 20)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="precision.json")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    print(f"native bf16 on this CPU: {cpu_has_native_bf16()}; {torch.get_num_threads()} threads", flush=True)
+    rows = []
+    from benchmarks.counting import load_checkpoint
+
+    demo, _ = load_checkpoint("demo")
+    for set_name, cases in demo_cases(args.n).items():
+        rows.extend(compare(demo, "demo", set_name, cases, args.device))
+    with tempfile.TemporaryDirectory(prefix="clipcount-precision-") as tmp:
+        published = compat_model(Path(tmp))
+        if published is None:
+            print(f"note: compat rows skipped, {COMPAT} is not there", flush=True)
+        else:
+            for set_name, cases in compat_cases().items():
+                rows.extend(compare(published, "published (compat)", set_name, cases, args.device))
+    table = print_table(rows, COLUMNS, title="bf16 counts against float32 counts")
+    write_json(args.out, {"benchmark": "precision", "device": args.device, "native_bf16": cpu_has_native_bf16(),
+                          "target": TARGET, "rows": rows, "table": table,
+                          "ok": all(row["max_rel"] <= TARGET for row in rows)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
