@@ -1,6 +1,6 @@
 """How fast clipcount counts, measured against this machine's own limits.
 
-    python benchmarks/speed.py [--quick] [--out speed.json] [--compile] [--skip-cpu] [--skip-gpu]
+    python benchmarks/speed.py [--quick] [--latency-only] [--out speed.json] [--compile] [--skip-cpu] [--skip-gpu]
 
 One run measures, side by side:
 - the ceiling: the best float32 matmul GFLOP/s on the CPU (large random square matrices, torch's
@@ -8,9 +8,10 @@ One run measures, side by side:
 - the model's work: the FLOPs of each case, counted with `torch.utils.flop_counter.FlopCounterMode`
   on the very call that is timed (matmuls, convolutions and attention; element-wise work is free
   in this count, so the fraction of the ceiling is a fair measure of how busy the matmul units are);
-- the in-run baseline: the `compat` model run the way the published code runs, one window at a
-  time with the prompt re-encoded for every window; each fast case is also shown as a speed-up
-  over it.
+- the in-run baselines: the `compat` model run as the published evaluation runs (`published_eval`:
+  windows padded and batched, the prompt encoded per window, sigmoid blending), which speed-ups are
+  quoted against, and the older one-window-at-a-time way (`published_way`) beside it; all CPU
+  latency cases are timed in alternation (`measure_alternating`), at fp32, auto and bf16.
 
 Cases, for ViT-B/16 with random weights (speed does not depend on the values) and for the bundled
 demo model (skipped with a note when it is not there):

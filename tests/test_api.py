@@ -181,11 +181,14 @@ def test_count_many_checks_prompts_before_reading_images(tiny_counter):
 
 # ---- device, precision, stride ------------------------------------------------------------------
 
-def test_device_and_precision_default_to_the_cpu_in_float32_here(tiny_checkpoint):
+def test_device_and_precision_defaults(tiny_checkpoint):
+    """auto: the GPU if any; bf16 there and on a CPU with native bf16 (its density part), else fp32."""
+    from clipcount.engine.inference import cpu_has_native_bf16
+
     counter = Counter.from_pretrained(tiny_checkpoint)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert counter.device.type == expected
-    assert counter.precision == ("bf16" if expected == "cuda" else "fp32")
+    assert counter.precision == ("bf16" if expected == "cuda" or cpu_has_native_bf16() else "fp32")
 
 
 def test_precision_can_be_forced(tiny_checkpoint, blob_image):
