@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -277,6 +278,32 @@ def check_prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return cleaned
 
 
+PROMPT_SEPARATORS = ",;\n"  # where the command line and the web page split what people type
+
+
+def split_prompts(texts: str | Sequence[str]) -> list[str]:
+    """What people typed -> the prompts to count: the one rule of `clipcount count -p` and the web page.
+
+    Each text (one -p, or the page's box) is split at commas, semicolons and new lines ("apples, red
+    cars" is two prompts); parts are trimmed and empty parts dropped, but a text with no prompt at all
+    is an error (an empty -p is a mistake, not a wish). A prompt given twice (ignoring case, as CLIP's
+    tokenizer does) is counted once, in the order first given. So a prompt cannot contain a comma.
+    """
+    pieces = [texts] if isinstance(texts, str) else texts
+    if isinstance(pieces, (bytes, bytearray)) or not isinstance(pieces, Sequence) \
+            or not all(isinstance(piece, str) for piece in pieces):
+        return check_prompt_list(pieces)  # names what is not text
+    check_prompt_list(pieces)  # a list of texts, none of them blank
+    unique: dict[str, str] = {}
+    for piece in pieces:
+        parts = [" ".join(part.split()) for part in re.split(f"[{re.escape(PROMPT_SEPARATORS)}]", piece)]
+        if not any(parts):
+            raise PromptError(f"prompt {piece!r} is empty; say what to count, e.g. 'apples'")
+        for part in filter(None, parts):
+            unique.setdefault(part.casefold(), part)
+    return list(unique.values())
+
+
 def _prefetched(
     sources: Iterable[Any], load: Callable[[Any], tuple[Any, str | None]]
 ) -> Iterator[tuple[Any, Any, str | None]]:
@@ -335,4 +362,5 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-__all__ = ["Counter", "CountResult", "PromptCutWarning", "ImageCount", "ROW_FIELDS", "check_prompt_list", "error_row", "source_name"]
+__all__ = ["Counter", "CountResult", "PromptCutWarning", "ImageCount", "ROW_FIELDS", "check_prompt_list", "error_row",
+           "source_name", "split_prompts"]

@@ -197,6 +197,25 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (smoke runs)
 
 
+# What `clipcount train --init CKPT` changes in TrainConfig's published from-scratch recipe. A trained
+# model needs no contrastive warm-up (its patches already match text), and a few images need far
+# fewer epochs (an epoch of 3 images is one step). The density output layer starts afresh and linear
+# (see fresh_head in cli/train.py): a saturating output kept from the checkpoint (the demo model's
+# softplus, the published sigmoid) learns background 0 only through a vanishing gradient, and a
+# short fine-tune then leaves a diffuse floor that adds tens of objects to every image. The image
+# tower's visual prompts stay as trained (cli/train.py, --tune-prompts to train them): the backward
+# pass then stops before CLIP's image tower, about 3x cheaper a step, and a few images cannot
+# re-learn what the prompts learned from many.
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "contrastive_epochs": 0,
+    "density_epochs": 50,
+    "lr": 3e-4,  # a fresh output layer must reach the new data's density level within few steps
+    "lr_decay_every": 1000,  # no decay within a fine-tune
+    "mosaic_prob": 0.0,  # few images: a mosaic of them repeats the same objects
+    "checkpoint_every": 50,
+}
+
+
 @dataclass
 class EvalConfig:
     window_stride: int = 128

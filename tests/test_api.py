@@ -17,7 +17,7 @@ from clipcount import models
 from clipcount.api import Counter, CountResult, check_prompt_list
 from clipcount.errors import CheckpointError, ConfigError, ImageError, PromptError
 from clipcount.models import DemoModelWarning, NamedModel, resolve_model
-from clipcount.visualize import colormap, overlay
+from clipcount.visualize import POINT_FILL, colormap, overlay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -230,7 +230,7 @@ def test_overlay_draws_heat_points_and_caption():
     assert picture.mode == "RGB" and picture.width == 80 and picture.height > 60
     pixels = np.asarray(picture)
     bar = picture.height - 60
-    assert pixels[bar + 10, 10].min() > 200  # the point: a white disc
+    assert tuple(pixels[bar + 10, 10]) == POINT_FILL  # the point: a cyan disc
     assert pixels[bar + 30, 40].sum() > pixels[bar + 50, 70].sum()  # heat where the mass is
     assert pixels[:bar].max() > 200  # caption text
 

@@ -26,6 +26,7 @@ from typing import Any
 EXAMPLES = """examples:
   clipcount count orchard.jpg -p apples
   clipcount count orchard.jpg -p apples -p pears --overlay overlays/
+  clipcount count orchard.jpg -p "apples, pears"                 # the same two prompts, as the web page reads them
   clipcount count photos/ -p "red cars" --csv counts.csv
   clipcount count 'shots/**/*.png' -p people --json counts.json --resume
   clipcount count photos/ -p cells --json - --model weights/clip-count-published
@@ -52,7 +53,8 @@ def register(subparsers) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER|GLOB",
                         help="image files, folders (searched recursively) or quoted glob patterns")
     parser.add_argument("-p", "--prompt", action="append", required=True, metavar="PROMPT",
-                        help="what to count, e.g. 'apples'; repeat for several prompts")
+                        help="what to count, e.g. 'apples'; several: repeat -p or separate them with commas "
+                        "('apples, red cars'); a prompt given twice is counted once")
     parser.add_argument("--json", metavar="FILE", help="write results as JSON to FILE ('-' for stdout)")
     parser.add_argument("--csv", metavar="FILE", help="write results as CSV to FILE ('-' for stdout)")
     parser.add_argument("--overlay", metavar="DIR",
@@ -125,12 +127,12 @@ def image_limits(args: argparse.Namespace):
 # ---- the command -------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from clipcount.api import check_prompt_list
+    from clipcount.api import split_prompts
     from clipcount.imaging import list_images
 
     from clipcount.models import DEMO_NOTE, is_synthetic_only
 
-    prompts = check_prompt_list(args.prompt)
+    prompts = split_prompts(args.prompt)
     limits = image_limits(args)
     shard = Shard.from_env()
     outputs = Outputs.from_args(args, shard)

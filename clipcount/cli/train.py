@@ -48,6 +48,7 @@ _OVERRIDES = {
     "precision": "precision",
     "contrastive_weight": "contrastive_weight",
     "contrastive_weight_stage2": "contrastive_weight_stage2",
+    "density_sigma": "density_sigma",
 }
 
 
@@ -79,12 +80,21 @@ def register(subparsers) -> None:
                        help="the CLIP's MLP activation when --clip is a bare weights file, which cannot say it: "
                        "quick_gelu (OpenAI's CLIP, the default) or gelu (OpenCLIP's own models, e.g. LAION's); "
                        "folders say it in their config")
-    model.add_argument("--init", metavar="CKPT", help="start from this clipcount checkpoint instead (fine-tuning)")
+    model.add_argument("--init", metavar="MODEL",
+                       help="fine-tune this model: a model name (demo), clipcount checkpoint folder or hub id; "
+                       "uses the fine-tuning defaults below")
+    model.add_argument("--keep-head", action="store_true",
+                       help="with --init: keep the model's own density output layer (default: start it afresh, "
+                       "linear, so that empty background learns to count 0 within a short fine-tune)")
+    model.add_argument("--tune-prompts", action="store_true",
+                       help="with --init: train the image tower's visual prompts too (default: keep them; faster)")
     model.add_argument("--resume", action="store_true", help="continue from OUT/last (starts fresh if there is none)")
     model.add_argument("--tiny", action="store_true",
                        help="a tiny random model (smoke tests; no --clip needed); a `model:` section adjusts it")
 
-    train = parser.add_argument_group("training (override the config file; defaults: the published recipe)")
+    train = parser.add_argument_group(
+        "training (override the config file; defaults: the published recipe from scratch, and with --init the "
+        "fine-tuning defaults: " + _finetune_defaults_text() + ")")
     train.add_argument("--contrastive-epochs", type=int, help="epochs of the contrastive stage (20)")
     train.add_argument("--density-epochs", type=int, help="epochs of the density stage (180)")
     train.add_argument("--batch-size", type=int, help="global batch size (32)")
@@ -93,6 +103,8 @@ def register(subparsers) -> None:
     train.add_argument("--contrastive-weight", type=float, help="weight of the contrastive loss in stage 1 (1)")
     train.add_argument("--contrastive-weight-stage2", type=float,
                        help="weight of the contrastive loss added in the density stage (0)")
+    train.add_argument("--density-sigma", type=float,
+                       help="pixels: blur of each point in the target density maps (1)")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     train.add_argument("--workers", type=int, help="data loading processes (2)")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (500)")
@@ -124,15 +136,19 @@ def run(args: argparse.Namespace) -> int:
     if earlier_run and not args.resume:
         raise ConfigError(f"{args.out} already holds a training run; add --resume to continue it, or choose another --out")
     model_section, train_section = read_config_file(args.config) if args.config else ({}, {})
-    cfg = make_train_config(train_section, args)
+    cfg = make_train_config({**(_finetune_defaults() if args.init else {}), **train_section}, args)
     torch.manual_seed(cfg.seed)  # the initial weights of the new parts are then reproducible
     model = make_model(args, model_section)
+    if args.init and not args.tune_prompts:
+        keep_visual_prompts(model)
     extra = {"annotations": args.annotations} if args.annotations else {}
     base = build_dataset(args.dataset, args.root, split=args.split, skip_bad=args.skip_bad, **extra)
     augment = AugmentConfig(mosaic_prob=cfg.mosaic_prob, augment_prob=cfg.augment_prob)
     dataset = TrainingDataset(base, crop_size=model.config.window_size, augment_cfg=augment,
                               density_sigma=cfg.density_sigma, density_scale=model.config.density_scale, seed=cfg.seed)
-    if not earlier_run and not args.init:  # a new density head: start it near 0 (engine/head_init.py)
+    if not earlier_run and (not args.init or not args.keep_head):  # a new head: start it near 0 (engine/head_init.py)
+        if args.init:
+            fresh_head(model)
         start_density_head(model, dataset)
     result = train(model, dataset, cfg, args.out, resume=args.resume, device=args.device,
                    progress=not args.no_progress)
@@ -142,9 +158,48 @@ def run(args: argparse.Namespace) -> int:
         state = "finished" if result.finished else "stopped"
         print(f"{state} at step {result.step} (epoch {result.epoch}) in {result.seconds:.0f} s; "
               f"model: {result.final_checkpoint}")
-        print(f"evaluate it: clipcount eval --model {result.final_checkpoint} --dataset {args.dataset} "
-              f"--root {args.root} --split test")
+        print(f"evaluate it: {eval_hint(args, result.final_checkpoint)}")
     return 0
+
+
+def eval_hint(args: argparse.Namespace, checkpoint) -> str:
+    """The `clipcount eval` command for the trained model on the same data's test split, ready to paste."""
+    import shlex
+
+    words = ["clipcount", "eval", "--model", str(checkpoint), "--dataset", args.dataset, "--root", args.root]
+    if args.annotations:
+        words += ["--annotations", args.annotations]
+    words += ["--split", "test"]
+    return " ".join(shlex.quote(str(word)) for word in words)
+
+
+def _finetune_defaults() -> dict[str, Any]:
+    from clipcount.config import FINETUNE_DEFAULTS
+
+    return dict(FINETUNE_DEFAULTS)
+
+
+def _finetune_defaults_text() -> str:
+    """FINETUNE_DEFAULTS as flags, for --help (config.py is light to import)."""
+    return ", ".join(f"--{key.replace('_', '-')} {value}" if key in _OVERRIDES else f"{key} {value}"
+                     for key, value in _finetune_defaults().items())
+
+
+def keep_visual_prompts(model) -> None:
+    """Fine-tuning: the visual prompts stay as trained (config.FINETUNE_DEFAULTS says why)."""
+    for parameter in model.visual_prompts.parameters():
+        parameter.requires_grad_(False)
+
+
+def fresh_head(model) -> None:
+    """Fine-tuning: the density output becomes linear (its last convolution is then re-initialised by
+    start_density_head). Saturating outputs (softplus, sigmoid) reach 0 on background only through a
+    vanishing gradient; config.FINETUNE_DEFAULTS says what that costs. The compat model keeps its
+    sigmoid (compat reproduces the published model exactly)."""
+    if model.config.compat:
+        return
+    model.config.decoder.activation = "identity"
+    model.decoder.activation = "identity"
 
 
 def make_model(args: argparse.Namespace, model_section: dict[str, Any]):
@@ -161,7 +216,9 @@ def make_model(args: argparse.Namespace, model_section: dict[str, Any]):
         config, _ = read_config(resumed)
         return ClipCount(config)
     if args.init:
-        return load_model(args.init)
+        from clipcount.models import resolve_model
+
+        return load_model(resolve_model(args.init))
     base = (tiny_config() if args.tiny else ClipCountConfig()).to_dict()
     try:
         config = ClipCountConfig.from_dict(_merged(base, model_section))

@@ -60,7 +60,8 @@ DATASETS = ("fsc147", "fsc147-s", "carpk", "shanghaitech-a", "shanghaitech-b", "
 def build_dataset(name: str, root: str | Path, split: str | None = "test", **kw: Any) -> CountingDataset:
     """A reader by name: fsc147, fsc147-s, carpk, shanghaitech-a, shanghaitech-b or folder.
 
-    `split` is ignored by fsc147-s and folder (they have one list each). Extra keywords go to the
+    `split` is ignored by fsc147-s (one list); a folder reads its split labels or holds out a fixed
+    part (clipcount/data/folder.py; None: every image). Extra keywords go to the
     reader (skip_bad=, subset_json= for fsc147-s, annotations= for folder, tolerance=).
     """
     key = name.strip().lower().replace("_", "-")
@@ -73,7 +74,7 @@ def build_dataset(name: str, root: str | Path, split: str | None = "test", **kw:
     if key in ("shanghaitech-a", "shanghaitech-b"):
         return ShanghaiTech(root, part=key[-1].upper(), split=split or "test", **kw)
     if key == "folder":
-        return FolderDataset(root, **kw)
+        return FolderDataset(root, split=split, **kw)
     raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 

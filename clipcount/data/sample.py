@@ -195,7 +195,7 @@ def collect_records(
             reason = str(exc)
             if not skip_bad:
                 raise DataError(
-                    f"{dataset}: {reason} (pass skip_bad=True to skip such images with a warning)"
+                    f"{dataset}: {reason} (--skip-bad, or skip_bad=True in Python, skips such images with a warning)"
                 ) from None
             warnings.warn(f"{dataset}: skipping {key}: {reason}", stacklevel=3)
             skipped.append((key, reason))
