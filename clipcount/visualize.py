@@ -82,8 +82,8 @@ def overlay(image: np.ndarray, density: np.ndarray, points: np.ndarray, count: f
 
 
 def point_radius(width: int, height: int) -> float:
-    """Disc radius in pixels: visible when the picture is shown as a thumbnail, small on big photos."""
-    return max(3.0, min(width, height) / 90.0)
+    """Disc radius in pixels, from the longest side: a picture shrunk to fit a page keeps visible discs."""
+    return max(3.0, max(width, height) / 120.0)
 
 
 def legend_colours(steps: int = 8) -> list[str]:
