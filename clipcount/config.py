@@ -202,7 +202,9 @@ class TrainConfig:
 # fewer epochs (an epoch of 3 images is one step). The density output layer starts afresh and linear
 # (see fresh_head in cli/train.py): a saturating output kept from the checkpoint (the demo model's
 # softplus, the published sigmoid) learns background 0 only through a vanishing gradient, and a
-# short fine-tune then leaves a diffuse floor that adds tens of objects to every image. The image
+# short fine-tune then leaves a diffuse floor that adds tens of objects to every image. (Measured by
+# benchmarks/finetune.py: 50 steps with these defaults still counted 84 on an empty black tile; the
+# floor is not solved yet, see README "Your own data".) The image
 # tower's visual prompts stay as trained (cli/train.py, --tune-prompts to train them): the backward
 # pass then stops before CLIP's image tower, about 3x cheaper a step, and a few images cannot
 # re-learn what the prompts learned from many.

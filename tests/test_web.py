@@ -241,10 +241,24 @@ def test_serve_command_starts_offline_on_localhost(tiny_checkpoint, tmp_path):
     try:
         page = _wait_for_page(f"http://127.0.0.1:{port}/", process)
         assert "clipcount" in page
+        _wait_for_output(process, "127.0.0.1")  # the address line follows the server's start
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=30)
+    output = getattr(process, "seen", "") + output
     assert "127.0.0.1" in output and "gradio.live" not in output and "share=True" not in output
+
+
+def _wait_for_output(process: subprocess.Popen, text: str, timeout: float = 60.0) -> None:
+    """Read the process's output until a line holds `text` (kept for the assertions after it stops)."""
+    import select
+
+    deadline = time.monotonic() + timeout
+    process.seen = ""  # type: ignore[attr-defined]
+    while time.monotonic() < deadline and text not in process.seen:  # type: ignore[attr-defined]
+        ready, _, _ = select.select([process.stdout], [], [], 1.0)
+        if ready:
+            process.seen += process.stdout.readline()  # type: ignore[attr-defined]
 
 
 def _wait_for_page(url: str, process: subprocess.Popen, timeout: float = 90.0) -> str:
