@@ -189,6 +189,16 @@ class TrainConfig:
     density_sigma: float = 1.0
     mosaic_prob: float = 0.3
     augment_prob: float = 0.2
+    # Prompts per training image (1 = published). Each image is encoded once for all of them. The
+    # first prompt names an annotated class; each further one names a class absent from the image
+    # (all-zero target) with probability `negative_share`, else another annotated class (datasets
+    # with one class per image repeat it). A share `hard_negative_share` of the negatives are hard:
+    # in the synthetic world a class differing from a present one in exactly one attribute, in a
+    # dataset the class names nearest the image's own by text embedding. On FSC-147 a class named
+    # by another image may be present but unannotated in this one, so keep the share moderate.
+    prompts_per_image: int = 1
+    negative_share: float = 0.0
+    hard_negative_share: float = 0.5
     num_workers: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_every: int = 500  # steps

@@ -32,11 +32,12 @@ def _add_recipe(sub) -> None:
         description="Pretrain a small CLIP on synthetic scene captions, train CLIP-Count on it, train three "
         "ablations with the same budget and benchmark them all on fresh test scenes. Resumable: run the same "
         "command again after an interruption.",
-        epilog="presets: small = 2 CPU cores, under 20 minutes (proves the recipe runs, does not count well); "
-        "full = one GPU and 16 CPU cores, about 8 minutes (the bundled demo model's recipe).",
+        epilog="presets: cpu = 2 CPU cores, at most 60 minutes (the bundled demo model's recipe); "
+        "full = one GPU and 16 CPU cores, about 8 minutes; small = 2 CPU cores, under 20 minutes (proves the "
+        "recipe runs, does not count well).",
     )
     parser.add_argument("out", metavar="OUT", type=Path, help="run folder (created; reused to resume)")
-    parser.add_argument("--preset", choices=("small", "full", "toy"), default="small", help="budget (default small)")
+    parser.add_argument("--preset", choices=("cpu", "full", "small", "toy"), default="cpu", help="budget (default cpu)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--stages", default=",".join(("pretrain", "main", "ablations", "benchmark")),
                         help=f"comma-separated stages to run (default all: {STAGE_HELP})")
@@ -58,8 +59,8 @@ def _add_pretrain(sub) -> None:
         "naming the classes and counts inside each crop. Held-out classes are never shown. Resumable.",
     )
     parser.add_argument("out", metavar="OUT", type=Path, help="output folder (final/ holds the weights)")
-    parser.add_argument("--preset", choices=("small", "full", "toy"), default="small",
-                        help="architecture and budget of this recipe preset (default small)")
+    parser.add_argument("--preset", choices=("cpu", "full", "small", "toy"), default="cpu",
+                        help="architecture and budget of this recipe preset (default cpu)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")
     parser.add_argument("--workers", type=int, default=None, help="data worker processes (default: the preset's)")
@@ -95,8 +96,8 @@ def run_recipe_command(args: argparse.Namespace) -> int:
                         progress=not args.quiet, stages=stages, time_scale=args.time_scale)
     for row, check in result.get("targets", {}).items():
         verdict = "met" if check["met"] else "not met"
-        print(f"target {row}: NAE {check['nae']:.3f} (<= {check['target']}, 4x below the training mean's "
-              f"{check['mean_nae']:.3f}): {verdict}")
+        print(f"target {row}: {check['measure']} {check['value']:.3f} (<= {check['target']}, 4x below the training "
+              f"mean's {check['baseline']:.3f}): {verdict}")
     if "benchmark" in stages:
         print(f"report: {args.out / 'report.json'}")
     if args.export_demo is not None:

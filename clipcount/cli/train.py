@@ -49,6 +49,9 @@ _OVERRIDES = {
     "contrastive_weight": "contrastive_weight",
     "contrastive_weight_stage2": "contrastive_weight_stage2",
     "density_sigma": "density_sigma",
+    "prompts_per_image": "prompts_per_image",
+    "negative_share": "negative_share",
+    "hard_negative_share": "hard_negative_share",
 }
 
 
@@ -105,6 +108,15 @@ def register(subparsers) -> None:
                        help="weight of the contrastive loss added in the density stage (0)")
     train.add_argument("--density-sigma", type=float,
                        help="pixels: blur of each point in the target density maps (1)")
+    train.add_argument("--prompts-per-image", type=int,
+                       help="prompts per training image, each with its own target (1 = published; try 3 with "
+                       "--negative-share so that the model has to read the prompt)")
+    train.add_argument("--negative-share", type=float,
+                       help="chance that each extra prompt names a class absent from the image, with an all-zero "
+                       "target (0); on FSC-147 such a class may be present but unannotated: keep it moderate")
+    train.add_argument("--hard-negative-share", type=float,
+                       help="share of negatives taken from the class names nearest the image's own by text "
+                       "embedding (0.5)")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     train.add_argument("--workers", type=int, help="data loading processes (2)")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (500)")
@@ -150,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         if args.init:
             fresh_head(model)
         start_density_head(model, dataset)
+    if cfg.prompts_per_image > 1:
+        dataset = with_negative_prompts(dataset, base, model, cfg)
     result = train(model, dataset, cfg, args.out, resume=args.resume, device=args.device,
                    progress=not args.no_progress)
     ctx = current_context()
@@ -200,6 +214,16 @@ def fresh_head(model) -> None:
         return
     model.config.decoder.activation = "identity"
     model.decoder.activation = "identity"
+
+def with_negative_prompts(dataset, base, model, cfg):
+    """Several prompts per image: the image's own class and absent ones (data/negatives.py), the hard
+    ones the names nearest by this model's text encoder."""
+    from clipcount.data.negatives import WithNegativePrompts, nearest_class_names
+
+    names = list(getattr(base, "prompts", None) or [base[i].prompt for i in range(len(base))])
+    nearest = nearest_class_names(model, names) if cfg.hard_negative_share > 0 else {}
+    return WithNegativePrompts(dataset, names, cfg.prompts_per_image, cfg.negative_share,
+                               cfg.hard_negative_share, nearest, seed=cfg.seed)
 
 
 def make_model(args: argparse.Namespace, model_section: dict[str, Any]):

@@ -158,7 +158,22 @@ class TrainingDataset(torch.utils.data.Dataset):
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack TrainingDataset items: image (B, 3, S, S), density (B, 1, S, S), count (B,) float32,
-    prompt and name as lists of B strings."""
+    prompt and name as lists of B strings.
+
+    Items with several prompts each (`prompts`: P strings, density (P, 1, S, S), count (P,), as
+    `WithNegativePrompts` and the synthetic stream make them) give density (B, P, 1, S, S),
+    count (B, P) and `prompts` as B lists of P strings."""
+    if "prompts" in batch[0]:
+        sizes = {len(b["prompts"]) for b in batch}
+        if len(sizes) != 1:
+            raise DataError(f"items of one batch must hold the same number of prompts, got {sorted(sizes)}")
+        return {
+            "image": torch.stack([b["image"] for b in batch]),
+            "density": torch.stack([b["density"] for b in batch]),  # (B, P, 1, S, S)
+            "count": torch.stack([torch.as_tensor(b["count"], dtype=torch.float32) for b in batch]),  # (B, P)
+            "prompts": [list(b["prompts"]) for b in batch],
+            "name": [b["name"] for b in batch],
+        }
     return {
         "image": torch.stack([b["image"] for b in batch]),
         "density": torch.stack([b["density"] for b in batch]),

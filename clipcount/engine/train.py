@@ -62,8 +62,6 @@ from clipcount.errors import CheckpointError, ClipCountError, ConfigError
 from clipcount.modeling.checkpoint import WEIGHTS_NAME, save_model
 from clipcount.modeling.clip_count import ClipCount
 
-# Proposed TrainConfig field; a local default until it exists there (0 = the published recipe).
-
 LAST, FINAL = "last", "final"
 METRICS_FILE = "metrics.jsonl"
 
@@ -99,6 +97,11 @@ class TrainingObjective(nn.Module):
     forward(images (B, 3, S, S) in [0, 1], density (B, 1, S, S), prompts (B strings),
     contrastive_weight, density_weight) -> (total, contrastive, density) scalars (fp32). A loss
     with weight 0 is not computed, so stage 1 never runs the interaction or decoder.
+
+    Several prompts per image: density (B, P, 1, S, S) and prompts as B lists of P strings. Each
+    image is encoded once and its patch tokens (and the prompt-free start of the interaction) are
+    shared by its P prompts; the losses average over the B * P (image, prompt) pairs, and the
+    contrastive loss leaves out pairs with nothing to count (negative prompts).
     """
 
     def __init__(self, model: ClipCount, temperature: float, autocast_dtype: torch.dtype | None):
@@ -116,18 +119,26 @@ class TrainingObjective(nn.Module):
         self,
         images: torch.Tensor,
         density: torch.Tensor,
-        prompts: Sequence[str],
+        prompts: Sequence[str] | Sequence[Sequence[str]],
         contrastive_weight: float,
         density_weight: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model
+        per_image = density.shape[1] if density.dim() == 5 else 1  # P
+        flat_prompts = [p for group in prompts for p in group] if density.dim() == 5 else list(prompts)
+        density = density.flatten(0, 1) if density.dim() == 5 else density  # (B * P, 1, S, S)
         zero = torch.zeros((), device=images.device)
         contrastive, mse = zero, zero
         with self._autocast(images.device):
             tokens = model.encode_image(images)  # (B, N, Cv)
-            text = model.encode_text(list(prompts))  # (B, 1, E)
-            feats = model.contrastive_features(tokens) if contrastive_weight else None  # (B, N, E)
-            pred = model.density_from_features(tokens, text, images.shape[-2:]) if density_weight else None
+            text = model.encode_text(flat_prompts)  # (B * P, 1, E)
+            feats = None
+            if contrastive_weight:
+                feats = model.contrastive_features(tokens).repeat_interleave(per_image, dim=0)  # (B * P, N, E)
+            pred = None
+            if density_weight:
+                shared = model.shared_features(tokens).repeat_interleave(per_image, dim=0)  # (B * P, N, C)
+                pred = model.density_from_shared(shared, text, images.shape[-2:])  # (B * P, 1, S, S)
         total = zero
         if feats is not None:
             grid = int(math.isqrt(tokens.shape[1]))
@@ -239,7 +250,8 @@ def _train_step(runner: nn.Module, optimizer: torch.optim.Optimizer, batch: dict
     images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
     density = batch["density"].to(device, non_blocking=True)  # (B, 1, S, S)
     optimizer.zero_grad(set_to_none=True)  # unused parameters keep grad None, so AdamW skips them
-    total, contrastive, mse = runner(images, density, batch["prompt"], *weights)
+    prompts = batch["prompts"] if "prompts" in batch else batch["prompt"]
+    total, contrastive, mse = runner(images, density, prompts, *weights)
     if not torch.isfinite(total):
         raise TrainingError(
             f"the training loss became {total.item()} at step {pos.step + 1} (epoch {pos.epoch}); lower the "

@@ -85,6 +85,11 @@ class Budget:
     count_bins: tuple[int, ...]  # bin edges of the instance-count sweep (generalisation)
     separations: tuple[float, ...]  # overlap settings of the crowding sweep (generalisation)
     stride_divisors: tuple[int, ...]  # the stride sweep (cost): window // k for each k
+    # several prompts per crop, with negatives (TrainConfig fields of the same names; 1, 0 = published)
+    prompts_per_image: int = 1
+    negative_share: float = 0.0
+    hard_negative_share: float = 0.5
+    region_weight: float = 0.0  # region-level loss of synthetic CLIP pretraining (synthetic/regions.py)
 
     @property
     def window(self) -> int:
@@ -117,7 +122,7 @@ BUDGETS: dict[str, Budget] = {
         visual_tokens=2, interaction_width=16, interaction_heads=2, decoder_channels=(16, 8, 8, 8),
         decoder_groups=4,
         batch_size=2, epoch_steps=1, contrastive_epochs=1, density_epochs=1, lr=1e-3, workers=0, density_sigma=1.0,
-        absent_prob=0.2,
+        absent_prob=0.2, prompts_per_image=2, negative_share=0.5, region_weight=1.0,
         test_scenes=2, fsc_images=2, stride=None, similarity_images=2, latency_repeats=1,
         count_bins=(1, 5, 20), separations=(1.0, 0.0), stride_divisors=(1, 2),
     ),
@@ -134,7 +139,7 @@ BUDGETS: dict[str, Budget] = {
         visual_tokens=4, interaction_width=64, interaction_heads=4, decoder_channels=(32, 16, 16, 8),
         decoder_groups=4,
         batch_size=8, epoch_steps=30, contrastive_epochs=2, density_epochs=18, lr=1e-3, workers=1, density_sigma=3.0,
-        absent_prob=0.2,
+        absent_prob=0.2, prompts_per_image=3, negative_share=0.4, hard_negative_share=0.6, region_weight=1.0,
         test_scenes=100, fsc_images=100, stride=None, similarity_images=48, latency_repeats=5,
         # trained on at most 30 per class: the upper bins ask how far counting extrapolates
         count_bins=(1, 4, 11, 31, 61, 121), separations=(1.0, 0.6, 0.35, 0.15, 0.0), stride_divisors=(1, 2, 3, 4),
@@ -148,7 +153,8 @@ BUDGETS: dict[str, Budget] = {
         visual_tokens=10, interaction_width=256, interaction_heads=4, decoder_channels=(256, 128, 64, 32),
         decoder_groups=8,
         batch_size=32, epoch_steps=200, contrastive_epochs=3, density_epochs=27, lr=1e-4, workers=8,
-        density_sigma=1.0, absent_prob=0.2,
+        density_sigma=1.0, absent_prob=0.2, prompts_per_image=4, negative_share=0.4, hard_negative_share=0.6,
+        region_weight=1.0,
         test_scenes=300, fsc_images=None, stride=None, similarity_images=200, latency_repeats=20,
         count_bins=(1, 6, 21, 61, 121, 251), separations=(1.0, 0.6, 0.35, 0.15, 0.0),
         stride_divisors=(1, 2, 3, 4),

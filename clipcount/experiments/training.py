@@ -86,11 +86,13 @@ def pretrained_clip(ctx: RunContext) -> Path:
         steps=budget.pretrain_steps, batch_size=budget.pretrain_batch, lr=budget.pretrain_lr,
         warmup_steps=max(1, min(100, budget.pretrain_steps // 10)), crop_size=budget.window,
         crops_per_scene=2, num_workers=budget.workers, seed=ctx.seed, checkpoint_every=0,
-        world=dict(budget.world),
+        world=dict(budget.world), region_weight=budget.region_weight,
     )
+    pretraining = [cfg.steps, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.crop_size, cfg.crops_per_scene]
+    if cfg.region_weight:
+        pretraining.append({"region_weight": cfg.region_weight})
     key = _hash({"vision": budget.vision, "text": budget.text, "embed_dim": budget.embed_dim, "world": budget.world,
-                 "pretrain": [cfg.steps, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.crop_size, cfg.crops_per_scene],
-                 "seed": ctx.seed})
+                 "pretrain": pretraining, "seed": ctx.seed})
     folder = ctx.cache / f"clip-{budget.name}-{key}"
     if (folder / FINAL / CLIP_WEIGHTS).is_file():
         ctx.log(f"using the cached synthetic CLIP {folder}")
@@ -158,7 +160,8 @@ def train_config(ctx: RunContext, changes: dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig(
         contrastive_epochs=budget.contrastive_epochs, density_epochs=budget.density_epochs,
         batch_size=budget.batch_size, lr=budget.lr, lr_decay_every=10**6, num_workers=budget.workers,
-        density_sigma=budget.density_sigma,
+        density_sigma=budget.density_sigma, prompts_per_image=budget.prompts_per_image,
+        negative_share=budget.negative_share, hard_negative_share=budget.hard_negative_share,
         checkpoint_every=0, log_every=max(1, budget.epoch_steps // 2), seed=ctx.seed,
     )
     unknown = set(changes) - {f.name for f in dataclasses.fields(TrainConfig)}
@@ -239,7 +242,7 @@ def model_key(ctx: RunContext, variant: Variant, clip: str) -> str:
     budget = ctx.budget
     sizes = ("visual_tokens", "interaction_width", "interaction_heads", "decoder_channels", "decoder_groups",
              "batch_size", "epoch_steps", "contrastive_epochs", "density_epochs", "lr", "world", "density_sigma",
-             "absent_prob")
+             "absent_prob", "prompts_per_image", "negative_share", "hard_negative_share", "region_weight")
     return _hash({
         "variant": [variant.model, variant.train], "budget": {k: getattr(budget, k) for k in sizes},
         "deep_layers": budget.deep_layers, "head_init": HEAD_INIT_FRACTION, "seed": ctx.seed, "data": ctx.data,
@@ -335,12 +338,17 @@ def training_data(ctx: RunContext, cfg: TrainConfig, window: int) -> torch.utils
 
         world = WorldConfig(**ctx.budget.world, mode="train")
         return CountingStream(length, seed=cfg.seed, world=world, crop_size=window, crops_per_scene=2,
-                              density_sigma=cfg.density_sigma, absent_prob=ctx.budget.absent_prob)
+                              density_sigma=cfg.density_sigma, absent_prob=ctx.budget.absent_prob,
+                              prompts_per_image=cfg.prompts_per_image, negative_share=cfg.negative_share,
+                              hard_negative_share=cfg.hard_negative_share)
     from clipcount.data import TrainingDataset, build_dataset
+    from clipcount.data.negatives import WithNegativePrompts
 
     base = build_dataset("fsc147", ctx.root, "train")
-    return FixedLength(TrainingDataset(base, crop_size=window, density_sigma=cfg.density_sigma,
-                                       seed=cfg.seed), length)
+    data = TrainingDataset(base, crop_size=window, density_sigma=cfg.density_sigma, seed=cfg.seed)
+    if cfg.prompts_per_image > 1:  # hard negatives need a model's text encoder: plain negatives here
+        data = WithNegativePrompts(data, base.prompts, cfg.prompts_per_image, cfg.negative_share, 0.0, seed=cfg.seed)
+    return FixedLength(data, length)
 
 
 def _hash(data: dict[str, Any]) -> str:

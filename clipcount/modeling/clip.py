@@ -162,10 +162,13 @@ class VisionTransformer(nn.Module):
         table = F.interpolate(table, size=tuple(grid), mode="bicubic", align_corners=False)
         return torch.cat([pos[:1], table.flatten(2).squeeze(0).t()], dim=0)
 
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, S, S) -> every output token (B, 1 + N, width), class token first."""
+        return self.transformer(self.ln_pre(self.embed(images)))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, S, S) -> CLIP image embeddings (B, embed_dim)."""
-        x = self.transformer(self.ln_pre(self.embed(images)))
-        return self.ln_post(x[:, 0]) @ self.proj
+        return self.ln_post(self.tokens(images)[:, 0]) @ self.proj
 
 
 class CLIP(nn.Module):

@@ -78,6 +78,9 @@ class PretrainConfig:
     world: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides (mode is always "train")
     time_budget_s: float | None = None  # size `steps` to this many seconds of training (see above)
     calibration_steps: int = 25
+    # Weight of the region-level loss (`regions.py`: every patch classified against class, shape
+    # and colour texts by what covers it) beside the caption loss; 0 = captions only.
+    region_weight: float = 0.0
 
     def world_config(self) -> WorldConfig:
         return WorldConfig(**{**self.world, "mode": "train"})
@@ -219,11 +222,12 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _loader(cfg: PretrainConfig, context_length: int, start: int, device: torch.device):
+def _loader(cfg: PretrainConfig, clip_cfg: CLIPConfig, start: int, device: torch.device):
     """Batches start..steps-1: batch b holds items b*B .. (b+1)*B - 1 of the caption stream."""
     stream = CaptionStream(
-        cfg.steps * cfg.batch_size, context_length, seed=cfg.seed, world=cfg.world_config(),
+        cfg.steps * cfg.batch_size, clip_cfg.text.context_length, seed=cfg.seed, world=cfg.world_config(),
         crop_size=cfg.crop_size, crops_per_scene=cfg.crops_per_scene,
+        patch_grid=clip_cfg.vision.grid_size if cfg.region_weight > 0 else None,
     )
     indices = range(start * cfg.batch_size, cfg.steps * cfg.batch_size)
     return torch.utils.data.DataLoader(
@@ -267,7 +271,8 @@ def pretrain_clip(
     result = PretrainResult(out_dir, step, False, None, 0.0)
     window: list[tuple[float, float]] = []
     try:
-        for batch in _loader(cfg, clip_cfg.text.context_length, step, device):
+        region = _region_texts(clip_cfg, device) if cfg.region_weight > 0 else None
+        for batch in _loader(cfg, clip_cfg, step, device):
             if step >= cfg.steps:  # a timed run chose fewer steps than the loader holds
                 break
             if budget is not None and budget.ready(step):
@@ -279,7 +284,7 @@ def pretrain_clip(
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, accuracy = _step(clip, optimizer, batch, device, cfg, step)
+            loss, accuracy = _step(clip, optimizer, batch, device, cfg, step, region)
             step += 1
             window.append((loss, accuracy))
             result.last_loss, result.last_accuracy = loss, accuracy
@@ -328,18 +333,36 @@ class _Budget:
         return int(min(self.cfg.steps, max(step + 1, step + rate * remaining)))
 
 
+def _region_texts(clip_cfg: CLIPConfig, device: torch.device):
+    """The region loss's texts, tokenised once: (RegionTexts, token ids (T, L))."""
+    from clipcount.modeling.tokenizer import ClipTokenizer
+    from clipcount.synthetic.regions import RegionTexts
+
+    texts = RegionTexts.build()
+    return texts, ClipTokenizer()(list(texts.texts), context_length=clip_cfg.text.context_length).to(device)
+
+
 def _step(clip: CLIP, optimizer, batch: dict[str, Any], device: torch.device, cfg: PretrainConfig,
-          step: int) -> tuple[float, float]:
+          step: int, region=None) -> tuple[float, float]:
+    from clipcount.synthetic.regions import region_loss
+
     images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S) uint8
     tokens = batch["tokens"].to(device, non_blocking=True)  # (B, L)
     with _autocast(device, cfg.precision):
-        image_features = clip.encode_image(preprocess(images, clip.cfg.vision.image_size))  # (B, E)
+        pixels = preprocess(images, clip.cfg.vision.image_size)
+        all_tokens = clip.visual.tokens(pixels)  # (B, 1 + N, width): one pass for both losses
+        image_features = clip.visual.ln_post(all_tokens[:, 0]) @ clip.visual.proj  # (B, E)
         text_features = clip.encode_text(tokens)  # (B, E)
     # logits in fp32: at a logit scale near 100, bf16 would round them to steps of 0.5
     image_features = F.normalize(image_features.float(), dim=-1)
     text_features = F.normalize(text_features.float(), dim=-1)
     logits = clip.logit_scale.exp() * image_features @ text_features.t()  # (B, B)
     loss = contrastive_loss(logits)
+    if region is not None:
+        texts, text_tokens = region
+        fractions = batch["class_fractions"].to(device, non_blocking=True)  # (B, N, 1 + C)
+        with _autocast(device, cfg.precision):
+            loss = loss + cfg.region_weight * region_loss(clip, all_tokens, fractions, text_tokens, texts)
     if not torch.isfinite(loss):
         raise PretrainError(
             f"the CLIP pretraining loss became {loss.item()} at step {step + 1}; lower the learning rate "

@@ -9,6 +9,7 @@ time measures zero-shot composition of a seen colour with a seen shape.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -107,3 +108,16 @@ def sample_prompt(
     use_colour = rng.random() >= shape_only_prob
     plural = rng.random() >= singular_prob
     return format_prompt(colour if use_colour else None, shape, plural=plural)
+
+
+def differs_in_one_attribute(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """True when two classes share exactly one of colour and shape ("red stars" vs "blue stars")."""
+    return (a[0] == b[0]) != (a[1] == b[1])
+
+
+def hard_negatives(present: Sequence[tuple[str, str]], pool: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Classes of `pool` absent from `present` that differ from a present class in exactly one
+    attribute (same shape in another colour, or same colour in another shape): the prompts a model
+    that reads only one word of the prompt gets wrong."""
+    present_set = set(present)
+    return [c for c in pool if c not in present_set and any(differs_in_one_attribute(c, p) for p in present_set)]

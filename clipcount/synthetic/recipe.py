@@ -1,36 +1,31 @@
 """The whole CLIP-Count method trained and measured on the synthetic world, in one command:
 
-    clipcount synthetic recipe OUT [--preset small|full]
+    clipcount synthetic recipe OUT [--preset cpu|full|small|toy]
 
-1. pretrain a small CLIP contrastively on (crop, caption) pairs (`pretrain.py`);
+1. pretrain a small CLIP on the synthetic world (`pretrain.py`): captions of crops, and (preset
+   permitting) region-level signal that teaches each patch what covers it (`regions.py`);
 2. freeze it and train CLIP-Count on top with the full recipe (deep visual prompts, text context
    tokens, contrastive stage, density stage, hierarchical interaction) with `engine.train.train`
-   on scenes generated in DataLoader workers (`stream.py`);
-3. train three ablations with one shared budget: no contrastive stage, one interaction scale, no
-   visual prompts; when that budget is smaller than the main model's, the full recipe is trained
-   at it too ("full_same_budget"), so every ablation has a like-for-like reference (concurrently,
-   one process each, on a GPU; one after another on a CPU);
-4. count fresh test scenes with the main model and the ablations (`benchmarks/counting.py`) and
-   write OUT/report.json and OUT/report.txt.
+   on scenes generated in DataLoader workers (`stream.py`), several prompts per crop: present
+   classes each with their own map, absent and one-attribute-off classes with zero targets;
+3. train ablations with one shared budget (the preset lists them; when their budget is smaller
+   than the main model's, the full recipe is trained at it too, "full_same_budget", so every
+   ablation has a like-for-like reference);
+4. count fresh test scenes with the main model and the ablations (`benchmark.py`) and write
+   OUT/report.json and OUT/report.txt.
 
 Every stage is resumable: run the same command again after an interruption and finished stages are
 skipped, unfinished trainings continue from their last checkpoint. OUT/recipe.json records the
 preset, each stage's time and the numbers later stages need (the training-mean count, and the step
-counts a time-budgeted preset chose from the throughput it measured).
+counts a time-budgeted preset chose from the throughput it measured). Presets: `presets.py`.
 
-Presets: "small" proves the recipe runs on 2 CPU cores in under 20 minutes (a tiny model at a low
-resolution: it will not count well). "full" is the recipe of the bundled demo model: sized for
-one H100 with 16 CPU cores, about 8 minutes. "toy" is for tests (seconds).
-
-`export_demo(run_dir, assets_dir)` copies the trained model into the package (float16 weights, so
-the bundled file stays under 16 MB) and renders the example scene.
+`export.export_demo(run_dir, assets_dir)` copies the trained model into the package.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -39,199 +34,34 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from clipcount.config import (
-    CLIPConfig,
-    ClipCountConfig,
-    DecoderConfig,
-    InteractionConfig,
-    PromptConfig,
-    TextConfig,
-    TrainConfig,
-    VisionConfig,
-)
-from clipcount.errors import CheckpointError, ClipCountError, ConfigError
+from clipcount.config import ClipCountConfig, TrainConfig
 from clipcount.engine.head_init import start_density_head
-from clipcount.synthetic.pretrain import PretrainConfig, read_clip
+from clipcount.errors import CheckpointError, ClipCountError, ConfigError
+from clipcount.report import json_safe
+from clipcount.synthetic.export import EXAMPLE_CLASSES, EXAMPLE_SEED, export_demo, model_size_mb, render_example
+from clipcount.synthetic.presets import (
+    ABLATIONS,
+    PRESETS,
+    REFERENCE,
+    Preset,
+    cpu_preset,
+    full_preset,
+    get_preset,
+    small_preset,
+    toy_preset,
+)
+from clipcount.synthetic.pretrain import read_clip
 from clipcount.synthetic.world import WorldConfig
 
 STATE_FILE = "recipe.json"
 REPORT_JSON, REPORT_TEXT = "report.json", "report.txt"
 STAGES = ("pretrain", "main", "ablations", "benchmark")
-ABLATIONS = ("no_contrastive", "one_scale", "no_visual_prompts")
-REFERENCE = "full_same_budget"  # the full recipe at the ablations' budget, when it differs from main's
-TEST_SEED = 10_000_000  # benchmark scenes; training uses the preset's small seeds
-EXAMPLE_SEED = 31_000_000  # the bundled example scene
-# Target density maps are blurred with sigma 2 px, not the published 1 px: the decoder's finest
-# stage is at half the window's resolution, where a 1 px Gaussian cannot be drawn, and the squared
-# error would mostly measure peaks it cannot reach rather than counts. Sums (counts) are the same.
-DENSITY_SIGMA = 2.0
-# One training prompt in five names a class that is absent from the crop but shares its colour or
-# shape with one present: without such prompts a model is rewarded for counting whatever is there,
-# and the first bundled model counted the dominant class of the prompt-fidelity scenes.
-ABSENT_PROB = 0.2
-
-
-# ---- presets --------------------------------------------------------------------------------------
-
-@dataclass
-class Preset:
-    """Everything a recipe run is made of. Budgets are optimizer steps, or seconds (`time_budget`,
-    `pretrain.time_budget_s`) turned into steps on the machine at hand and recorded in recipe.json."""
-
-    name: str
-    clip: CLIPConfig
-    pretrain: PretrainConfig
-    model: ClipCountConfig  # its `clip` is replaced by the pretrained CLIP's config
-    train: TrainConfig  # the main model's training (epochs of `steps_per_epoch` steps)
-    steps_per_epoch: int
-    crops_per_scene: int = 2
-    absent_prob: float = 0.0  # share of training prompts naming a similar class absent from the crop
-    ablation_steps_per_epoch: int | None = None  # None: the main model's budget
-    ablation_workers: int | None = None  # data workers per ablation process (None: share the cores)
-    concurrent_ablations: bool | None = None  # None: on CUDA only
-    world: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides for training
-    bench_world: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides for test scenes
-    # Seconds of training for "main" and "ablations": steps per epoch are then chosen from the step
-    # rate measured on this machine (recorded in recipe.json); None: the fixed steps above.
-    time_budget: dict[str, float] | None = None
-    bench_n: int = 200
-    bench_seed: int = TEST_SEED
-    bench_stride: int = 128
-    train_mean_n: int = 500
-    zero_shot_n: int = 120
-
-    def world_config(self) -> WorldConfig:
-        return WorldConfig(**{**self.world, "mode": "train"})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def small_preset() -> Preset:
-    """2 CPU cores, under 20 minutes: proves every stage runs (a 192-pixel view cannot count 8 px shapes).
-
-    Sized by time like the full preset (150 s of CLIP pretraining, 240 s for the main model, 240 s
-    for the four ablation-stage models one after another), so a slower or busier machine trains
-    fewer steps rather than taking longer.
-    """
-    clip = CLIPConfig(
-        VisionConfig(image_size=192, patch_size=16, width=96, layers=4, heads=3),
-        TextConfig(context_length=32, width=64, layers=2, heads=2),
-        embed_dim=64,
-    )
-    model = ClipCountConfig(
-        clip=clip,
-        prompts=PromptConfig(visual_tokens=4, visual_layers=3, text_context_tokens=2),
-        interaction=InteractionConfig(scales=2, width=64, heads=2),
-        decoder=DecoderConfig(channels=(32, 16, 16, 8), groups=4),
-    )
-    train = TrainConfig(contrastive_epochs=1, density_epochs=3, batch_size=8, lr=5e-4, lr_decay_every=3,
-                        density_sigma=DENSITY_SIGMA, num_workers=1, checkpoint_every=100, log_every=10,
-                        mosaic_prob=0.0, augment_prob=0.0)
-    return Preset(
-        name="small", clip=clip, model=model, train=train, steps_per_epoch=60, absent_prob=ABSENT_PROB,
-        pretrain=PretrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=30, num_workers=1,
-                                checkpoint_every=50, log_every=10, time_budget_s=150.0, calibration_steps=15),
-        ablation_steps_per_epoch=25, concurrent_ablations=False,
-        world={"max_width": 640}, bench_n=24, train_mean_n=200, zero_shot_n=60,
-        time_budget={"main": 240.0, "ablations": 240.0},
-    )
-
-
-def full_preset() -> Preset:
-    """The bundled model's recipe: one H100 and 16 CPU cores, about 8 minutes of wall time.
-
-    The model sees each 384-pixel window at full resolution (patch 16: a 24x24 grid, the
-    interaction at 24x24 and 48x48), so 8-pixel shapes keep their outline. Weights: about 7M
-    parameters, 14.5 MB in float16 (the 49408-token embedding is 3.2M of them at text width 64).
-
-    Training is sized by time (70 s of CLIP pretraining, 220 s for the main model, 60 s for the
-    four ablation-stage models together): the step counts are chosen from throughput measured at
-    the start of each stage and recorded in recipe.json. The step counts below are upper bounds.
-    """
-    workers = max(1, _cores() - 2)
-    clip = CLIPConfig(
-        VisionConfig(image_size=384, patch_size=16, width=192, layers=6, heads=3),
-        TextConfig(context_length=32, width=64, layers=3, heads=2),
-        embed_dim=128,
-    )
-    model = ClipCountConfig(
-        clip=clip,
-        prompts=PromptConfig(visual_tokens=10, visual_layers=5, text_context_tokens=2),
-        interaction=InteractionConfig(scales=2, width=128, heads=4),
-        decoder=DecoderConfig(channels=(64, 32, 16, 16), groups=8),
-    )
-    train = TrainConfig(contrastive_epochs=1, density_epochs=5, batch_size=32, lr=4e-4, lr_decay_every=4,
-                        density_sigma=DENSITY_SIGMA, num_workers=workers, checkpoint_every=500, log_every=25,
-                        mosaic_prob=0.0, augment_prob=0.0)
-    return Preset(
-        name="full", clip=clip, model=model, train=train, steps_per_epoch=600, crops_per_scene=3,
-        absent_prob=ABSENT_PROB,
-        pretrain=PretrainConfig(steps=4000, batch_size=256, lr=5e-4, warmup_steps=60, crops_per_scene=3,
-                                num_workers=workers, checkpoint_every=200, log_every=25, time_budget_s=70.0,
-                                calibration_steps=60),
-        ablation_steps_per_epoch=150, ablation_workers=max(1, (workers - 1) // 4),
-        bench_n=100, train_mean_n=600, zero_shot_n=180,
-        time_budget={"main": 220.0, "ablations": 60.0},
-    )
-
-
-def toy_preset() -> Preset:
-    """Seconds: a few steps of tiny models on small scenes (128-pixel windows), for tests."""
-    clip = CLIPConfig(
-        VisionConfig(image_size=64, patch_size=16, width=32, layers=2, heads=2),
-        TextConfig(context_length=32, width=32, layers=1, heads=2),
-        embed_dim=32,
-    )
-    model = ClipCountConfig(
-        clip=clip,
-        prompts=PromptConfig(visual_tokens=2, visual_layers=1, text_context_tokens=2),
-        interaction=InteractionConfig(scales=2, width=16, heads=2),
-        decoder=DecoderConfig(channels=(16, 8, 8, 8), groups=4),
-        window_size=128,
-    )
-    train = TrainConfig(contrastive_epochs=1, density_epochs=1, batch_size=4, lr=1e-3, num_workers=0,
-                        checkpoint_every=100, log_every=1, mosaic_prob=0.0, augment_prob=0.0)
-    world = {"height": 128, "min_width": 128, "max_width": 224, "min_size": 6.0, "max_size": 24.0,
-             "max_per_class": 20}
-    return Preset(
-        name="toy", clip=clip, model=model, train=train, steps_per_epoch=2,
-        pretrain=PretrainConfig(steps=3, batch_size=8, warmup_steps=1, crop_size=128, num_workers=0,
-                                checkpoint_every=2, log_every=1),
-        concurrent_ablations=False, world=world, bench_world=world, bench_n=2, train_mean_n=8, zero_shot_n=4,
-    )
-
-
-PRESETS: dict[str, Callable[[], Preset]] = {"small": small_preset, "full": full_preset, "toy": toy_preset}
-
-
-def get_preset(preset: str | Preset, time_scale: float = 1.0) -> Preset:
-    """A preset by name; `time_scale` multiplies its time budgets (e.g. 0.8 on a tighter slot)."""
-    if not isinstance(preset, Preset):
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown recipe preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        preset = PRESETS[preset]()
-    if time_scale != 1.0:
-        if not time_scale > 0:
-            raise ConfigError(f"the time scale must be positive, got {time_scale}")
-        preset = copy.deepcopy(preset)
-        if preset.pretrain.time_budget_s:
-            preset.pretrain.time_budget_s *= time_scale
-        if preset.time_budget:
-            preset.time_budget = {k: v * time_scale for k, v in preset.time_budget.items()}
-    return preset
-
 
 # ---- variants -------------------------------------------------------------------------------------
 
@@ -255,13 +85,15 @@ def main_variant(preset: Preset) -> Variant:
 
 
 def ablation_variants(preset: Preset) -> list[Variant]:
-    """The three ablations (and a full-recipe reference when their budget is not the main model's)."""
+    """The preset's ablations (and a full-recipe reference when their budget is not the main model's)."""
     steps = preset.ablation_steps_per_epoch or preset.steps_per_epoch
     base_train = copy.deepcopy(preset.train)
     if preset.ablation_workers is not None:
         base_train.num_workers = preset.ablation_workers
+    if not preset.ablations:
+        return []
     variants = []
-    names = ((REFERENCE,) if steps != preset.steps_per_epoch else ()) + ABLATIONS
+    names = ((REFERENCE,) if steps != preset.steps_per_epoch else ()) + tuple(preset.ablations)
     for name in names:
         model, train = copy.deepcopy(preset.model), copy.deepcopy(base_train)
         if name == "no_contrastive":  # the same number of epochs, all of them density epochs
@@ -271,6 +103,10 @@ def ablation_variants(preset: Preset) -> list[Variant]:
             model.interaction.scales = 1
         elif name == "no_visual_prompts":
             model.prompts.visual_layers = 0
+        elif name == "single_prompt":  # the published way: one present class per crop, no negatives
+            train.prompts_per_image, train.negative_share = 1, 0.0
+        elif name == "no_hard_negatives":
+            train.hard_negative_share = 0.0
         variants.append(Variant(name, model, train, steps, f"ablations/{name}"))
     return variants
 
@@ -309,19 +145,8 @@ class RecipeState:
 
     def save(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(_json_safe(self.data), indent=2), encoding="utf-8")
+        tmp.write_text(json.dumps(json_safe(self.data), indent=2), encoding="utf-8")
         os.replace(tmp, self.path)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities become null: strict JSON has no such numbers."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # ---- building and training one variant ---------------------------------------------------------
@@ -384,7 +209,9 @@ def train_variant(spec: dict[str, Any]) -> dict[str, Any]:
     stream = CountingStream(spec["steps_per_epoch"] * train_cfg.batch_size, seed=train_cfg.seed, world=world,
                             crop_size=model_cfg.window_size, crops_per_scene=spec["crops_per_scene"],
                             density_sigma=train_cfg.density_sigma, density_scale=model_cfg.density_scale,
-                            absent_prob=spec.get("absent_prob", 0.0))
+                            absent_prob=spec.get("absent_prob", 0.0), prompts_per_image=train_cfg.prompts_per_image,
+                            negative_share=train_cfg.negative_share,
+                            hard_negative_share=train_cfg.hard_negative_share)
     # (replaced by the checkpoint's weights when resuming)
     start_density_head(model, stream)
     result = train(model, stream, train_cfg, out, resume=spec.get("resume", True), device=spec.get("device"),
@@ -546,7 +373,7 @@ def calibrate(preset: Preset, state: RecipeState, out_dir: Path, clip_folder: Pa
         rate = measure_train_rate(spec, out_dir / "calibration")
         epochs = preset.train.contrastive_epochs + preset.train.density_epochs
         main_seconds = preset.time_budget["main"] - EPOCH_START_SECONDS * epochs
-        n_variants = len(ABLATIONS) + 1
+        n_variants = len(preset.ablations) + 1
         workers = preset.ablation_workers or preset.train.num_workers
         share = min(workers / max(1, preset.train.num_workers), 1.0 / n_variants)
         ablation_seconds = preset.time_budget["ablations"] - EPOCH_START_SECONDS * epochs
@@ -558,30 +385,6 @@ def calibrate(preset: Preset, state: RecipeState, out_dir: Path, clip_folder: Pa
             f"ablations {state.get('ablation_steps_per_epoch')}")
     return dataclasses.replace(preset, steps_per_epoch=state.get("steps_per_epoch"),
                                ablation_steps_per_epoch=state.get("ablation_steps_per_epoch"))
-
-
-# ---- the benchmark --------------------------------------------------------------------------------
-
-def load_benchmark_module():
-    """benchmarks/counting.py of the clipcount source tree (the recipe runs from a checkout)."""
-    try:
-        import benchmarks.counting as module  # the repository root is on sys.path
-
-        return module
-    except ImportError:
-        pass
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "counting.py"
-    if not path.is_file():
-        raise ConfigError(
-            "the recipe's benchmark stage needs benchmarks/counting.py from a clipcount source checkout; "
-            "run the recipe from a clone of the repository (pip install -e .)"
-        )
-    sys.path.insert(0, str(path.parents[1]))
-    spec = importlib.util.spec_from_file_location("benchmarks.counting", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks.counting"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---- the recipe -----------------------------------------------------------------------------------
@@ -656,11 +459,18 @@ def run_recipe(
 
 def _stage_pretrain(preset: Preset, out_dir: Path, state: RecipeState, device: torch.device, progress: bool,
                     say: Callable[[str], None]) -> None:
+    from clipcount.modeling.clip import CLIP
     from clipcount.synthetic.pretrain import load_clip, pretrain_clip, zero_shot_accuracy
+    from clipcount.synthetic.regions import patch_probe
 
     if state.done("pretrain"):
         return
     t0 = time.time()
+    probe_n = max(2, preset.zero_shot_n // 2)
+    if state.get("patch_probe_before") is None:  # what an untrained tower's patches already tell apart
+        torch.manual_seed(preset.pretrain.seed)
+        state.set("patch_probe_before", json_safe(patch_probe(CLIP(preset.clip), probe_n, probe_n // 2,
+                                                              crop=preset.model.window_size, device=device)))
     _fast_gpu_settings()
     cfg = dataclasses.replace(preset.pretrain, world={**preset.world, **preset.pretrain.world})
     length = f"{cfg.time_budget_s:.0f} s (at most {cfg.steps} steps)" if cfg.time_budget_s else f"{cfg.steps} steps"
@@ -668,9 +478,14 @@ def _stage_pretrain(preset: Preset, out_dir: Path, state: RecipeState, device: t
     result = pretrain_clip(preset.clip, cfg, out_dir / "clip", resume=True, device=device, progress=progress)
     accuracy = zero_shot_accuracy(load_clip(result.final, device), n=preset.zero_shot_n, device=device,
                                   crop_size=preset.model.window_size)
+    probe = patch_probe(load_clip(result.final, device), probe_n, probe_n // 2, crop=preset.model.window_size,
+                        device=device)
+    before = state.get("patch_probe_before")
     say(f"CLIP zero-shot class accuracy (36 classes, chance 0.03): seen {accuracy['seen']:.2f}, "
-        f"held-out {accuracy['held_out']:.2f}")
+        f"held-out {accuracy['held_out']:.2f}; per-patch linear probe (chance 0.17): colour "
+        f"{before['colour']} -> {probe['colour']:.2f}, shape {before['shape']} -> {probe['shape']:.2f}")
     state.finish("pretrain", time.time() - t0, steps=result.step, zero_shot_accuracy=accuracy,
+                 patch_probe=json_safe(probe), patch_probe_before=before,
                  final_loss=result.last_loss, final_batch_accuracy=result.last_accuracy)
 
 
@@ -678,6 +493,9 @@ def _stage_ablations(preset: Preset, out_dir: Path, state: RecipeState, clip_fol
                      device: torch.device, progress: bool, say: Callable[[str], None]) -> None:
     t0 = time.time()
     variants = ablation_variants(preset)
+    if not variants:
+        state.finish("ablations", 0.0, variants=[])
+        return
     specs = [variant_spec(v, preset, out_dir, clip_folder, train_mean, str(device), True, progress) for v in variants]
     concurrent = preset.concurrent_ablations if preset.concurrent_ablations is not None else device.type == "cuda"
     say(f"stage 3: ablations {', '.join(v.name for v in variants)}, {variants[0].total_steps} steps each"
@@ -692,7 +510,9 @@ def _stage_ablations(preset: Preset, out_dir: Path, state: RecipeState, clip_fol
 
 def _stage_benchmark(preset: Preset, out_dir: Path, state: RecipeState, train_mean: float | None,
                      device: torch.device, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
-    bench = load_benchmark_module()
+    from clipcount.report import write_json
+    from clipcount.synthetic.benchmark import benchmark_world, format_targets, run_benchmark
+
     t0 = time.time()
     models = {"main": out_dir / "main" / "final"}
     for variant in ablation_variants(preset):
@@ -703,20 +523,18 @@ def _stage_benchmark(preset: Preset, out_dir: Path, state: RecipeState, train_me
         if not (folder / "model.safetensors").is_file():
             raise CheckpointError(f"{folder} has no trained model; run the recipe's training stages first")
     say(f"stage 4: benchmark, {preset.bench_n} scenes per set, seed {preset.bench_seed}")
-    title = f"recipe {preset.name!r}: counting benchmark (seed {preset.bench_seed}, {preset.bench_n} scenes per set)"
-    payload = bench.run_benchmark(
+    title = f"recipe {preset.name!r}: prompt-fidelity benchmark (seed {preset.bench_seed}, {preset.bench_n} scenes per set)"
+    payload = run_benchmark(
         {k: str(v) for k, v in models.items()}, seed=preset.bench_seed, n=preset.bench_n,
         stride=preset.bench_stride, device=str(device), train_mean=train_mean, out=None,
-        world=WorldConfig(**{**preset.bench_world, "mode": "test"}), progress=progress, title=title,
+        world=benchmark_world().replace(**preset.bench_world), progress=progress, title=title,
     )
-    payload["targets"] = bench.nae_targets(payload["results"]["main"])
+    say(format_targets(payload["targets"]))
     payload["recipe"] = {"preset": preset.name, "stages": state.data["stages"], "values": state.data["values"],
                          "train_mean_count": train_mean}
     state.finish("benchmark", time.time() - t0)
     payload["recipe"]["stages"] = state.data["stages"]
     payload["recipe"]["total_seconds"] = round(sum(s.get("seconds", 0) for s in state.data["stages"].values()), 1)
-    from benchmarks.report import write_json
-
     write_json(out_dir / REPORT_JSON, payload)
     (out_dir / REPORT_TEXT).write_text(payload["table_text"] + "\n", encoding="utf-8")
     return payload
@@ -729,80 +547,6 @@ def _require(folder: Path, stage: str) -> None:
 
 def _say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-# ---- the bundled demo model ---------------------------------------------------------------------
-
-EXAMPLE_CLASSES = {  # several classes, one of them held out (green triangles)
-    ("green", "triangle"): 14,
-    ("red", "circle"): 30,
-    ("blue", "square"): 9,
-    ("yellow", "star"): 22,
-}
-
-
-def render_example(path: str | os.PathLike, seed: int = EXAMPLE_SEED, width: int = 640) -> dict[str, int]:
-    """Write the example scene (JPEG) and return the true count of each class in it by prompt."""
-    from PIL import Image
-
-    from clipcount.synthetic.prompts import format_prompt
-    from clipcount.synthetic.world import make_scene
-
-    world = WorldConfig(mode="test", min_width=width, max_width=width, max_size=40.0, min_size=12.0)
-    scene = make_scene(np.random.default_rng(seed), world, dict(EXAMPLE_CLASSES), width=width)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(scene.image).save(path, "JPEG", quality=95, subsampling=0)
-    return {format_prompt(c, s): n for (c, s), n in sorted(scene.class_counts().items())}
-
-
-def export_demo(run_dir: str | os.PathLike, assets_dir: str | os.PathLike, dtype: str = "float16",
-                source: str = "main") -> dict[str, Any]:
-    """Copy a recipe run's model into `assets_dir`/demo (weights cast to `dtype`, float16 keeps the
-    file under 16 MB; loading casts back to float32) and render `assets_dir`/example.jpg.
-
-    Returns {"folder", "bytes", "example", "counts"}; the example's true counts are also recorded
-    in the demo's config.json under "example".
-    """
-    from safetensors.torch import load_file, save_file
-
-    run_dir, assets_dir = Path(run_dir), Path(assets_dir)
-    source_folder = run_dir / source / "final" if (run_dir / source / "final").is_dir() else run_dir
-    weights, config = source_folder / "model.safetensors", source_folder / "config.json"
-    if not weights.is_file() or not config.is_file():
-        raise CheckpointError(f"{source_folder} holds no trained model (model.safetensors + config.json)")
-    if dtype not in ("float16", "bfloat16", "float32"):
-        raise ConfigError(f"export dtype must be float16, bfloat16 or float32, got {dtype!r}")
-    target_dtype = getattr(torch, dtype)
-    state = {k: (v.to(target_dtype) if v.is_floating_point() else v).contiguous()
-             for k, v in load_file(str(weights)).items()}
-    target = assets_dir / "demo"
-    target.mkdir(parents=True, exist_ok=True)
-    counts = render_example(assets_dir / "example.jpg")
-    data = json.loads(config.read_text(encoding="utf-8"))
-    data.pop("training", None)  # the trainer's bookkeeping is not part of the bundled model
-    data["synthetic"] = {**data.get("synthetic", {}), "weights_dtype": dtype}
-    data["example"] = {"file": "example.jpg", "seed": EXAMPLE_SEED, "counts": counts}
-    report = run_dir / REPORT_JSON
-    if report.is_file():
-        results = json.loads(report.read_text(encoding="utf-8")).get("results", {}).get(source, {})
-        data["benchmark"] = {row: {k: r["model"][k] for k in ("mae", "rmse", "nae")}
-                             for row, r in results.items() if isinstance(r, dict) and "model" in r}
-    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
-    (target / "config.json").write_text(json.dumps(_json_safe(data), indent=2), encoding="utf-8")
-    for path in (target / "model.safetensors", target / "config.json", assets_dir / "example.jpg"):
-        os.chmod(path, 0o644)  # package data: readable by everyone who installs it
-    size = (target / "model.safetensors").stat().st_size
-    return {"folder": str(target), "bytes": size, "example": str(assets_dir / "example.jpg"), "counts": counts}
-
-
-def model_size_mb(cfg: ClipCountConfig, bytes_per_value: int = 2) -> float:
-    """The size of a checkpoint's weights in MB (float16 by default), without building the model."""
-    from clipcount.modeling.clip_count import ClipCount
-
-    with torch.device("meta"):
-        model = ClipCount(copy.deepcopy(cfg))
-    return sum(v.numel() for v in model.state_dict().values()) * bytes_per_value / 1e6
 
 
 __all__ = [

@@ -35,7 +35,17 @@ import torch
 from clipcount.data.density import points_to_density
 from clipcount.errors import ConfigError, DataError
 from clipcount.synthetic.captions import caption_for
-from clipcount.synthetic.prompts import HELD_OUT, TRAIN_CLASSES, parse_prompt, sample_prompt
+from clipcount.synthetic.prompts import (
+    ALL_CLASSES,
+    HELD_OUT,
+    SHAPES,
+    TRAIN_CLASSES,
+    format_prompt,
+    hard_negatives,
+    parse_prompt,
+    sample_prompt,
+)
+from clipcount.synthetic.render import object_polygons
 from clipcount.synthetic.world import Scene, SceneObject, WorldConfig, make_scene
 
 # Tags mixed into the seed sequences so that scenes, crops and the two datasets never share a stream.
@@ -68,9 +78,44 @@ def _shift(obj: SceneObject, dx: float, dy: float) -> SceneObject:
 
 def random_crop(scene: Scene, rng: np.random.Generator, size: int) -> Scene:
     """A uniformly placed size x size crop (the scene must be at least that large)."""
+    return crop_scene(scene, *random_offset(scene, rng, size), size)
+
+
+def random_offset(scene: Scene, rng: np.random.Generator, size: int) -> tuple[int, int]:
+    """The top-left corner (x0, y0) of a uniformly placed size x size crop."""
     x0 = int(rng.integers(0, scene.width - size + 1))
     y0 = int(rng.integers(0, scene.height - size + 1))
-    return crop_scene(scene, x0, y0, size)
+    return x0, y0
+
+
+def class_fractions(scene: Scene, x0: int, y0: int, size: int, grid: int) -> np.ndarray:
+    """What covers each patch of the size x size window at (x0, y0): (grid * grid, 1 + C) float32,
+    row-major patches; column 0 is background, column 1 + k the share of the patch's pixels painted
+    by class ALL_CLASSES[k] (later objects on top, as drawn). Every object overlapping the window
+    counts, including those whose centre lies outside it. Rows sum to 1.
+
+    The region-level signal of synthetic CLIP pretraining: what real CLIP's patch tokens learn from
+    web-scale data (this patch shows part of a red circle), taught directly from the annotations."""
+    from PIL import Image, ImageDraw
+
+    ids = Image.new("I", (size, size), 0)  # 32-bit integer canvas: class index + 1, 0 = background
+    objects = [o for o in scene.objects
+               if o.box[2] >= x0 and o.box[0] < x0 + size and o.box[3] >= y0 and o.box[1] < y0 + size]
+    if objects:
+        polygons, _ = object_polygons(
+            [o.shape for o in objects], np.array([o.x - x0 for o in objects]), np.array([o.y - y0 for o in objects]),
+            np.array([o.size for o in objects]), np.array([o.angle for o in objects]),
+        )
+        draw = ImageDraw.Draw(ids)
+        for o, polygon in zip(objects, polygons):
+            draw.polygon(polygon.ravel().tolist(), fill=1 + ALL_CLASSES.index((o.colour, o.shape)))
+    labels = np.asarray(ids, dtype=np.int64)  # (S, S)
+    cell = np.minimum(np.arange(size) * grid // size, grid - 1)  # patch row/column of each pixel
+    patch = cell[:, None] * grid + cell[None, :]  # (S, S)
+    width = 1 + len(ALL_CLASSES)
+    counts = np.bincount((patch * width + labels).ravel(), minlength=grid * grid * width)
+    counts = counts.reshape(grid * grid, width).astype(np.float32)
+    return counts / counts.sum(axis=1, keepdims=True)
 
 
 def check_no_held_out(scene: Scene) -> None:
@@ -102,6 +147,38 @@ def choose_prompt(crop: Scene, scene: Scene, rng: np.random.Generator, absent_pr
         raise DataError("a synthetic scene came out empty; check the WorldConfig (max_size, widths)")
     colour, shape = classes[int(rng.integers(len(classes)))]
     return sample_prompt(rng, colour, shape)
+
+
+def choose_prompts(crop: Scene, scene: Scene, rng: np.random.Generator, n: int, negative_share: float,
+                   hard_negative_share: float) -> list[str]:
+    """`n` prompts for one crop. The first names a class present in the crop (any wording); each
+    further prompt names an absent training class with probability `negative_share` (all-zero
+    target), else another present class or wording. A share `hard_negative_share` of the
+    negatives differs from a present class in exactly one attribute (`hard_negatives`); the rest
+    are any absent class, sometimes as a shape-only prompt for a shape absent in every colour.
+    Held-out classes are never named."""
+    present = sorted(crop.class_counts())
+    prompts = [choose_prompt(crop, scene, rng)]
+    for _ in range(n - 1):
+        negative = rng.random() < negative_share if present else False
+        for _ in range(4):  # a few tries for a prompt not asked yet (a crop may hold one class)
+            prompt = (_negative_prompt(present, rng, hard_negative_share) if negative
+                      else choose_prompt(crop, scene, rng))
+            if prompt not in prompts:
+                break
+        prompts.append(prompt)
+    return prompts
+
+
+def _negative_prompt(present: list[tuple[str, str]], rng: np.random.Generator, hard_share: float) -> str:
+    hard = hard_negatives(present, TRAIN_CLASSES)
+    if hard and rng.random() < hard_share:
+        return sample_prompt(rng, *hard[int(rng.integers(len(hard)))], shape_only_prob=0.0)
+    absent_shapes = [s for s in SHAPES if all(p[1] != s for p in present)]
+    if absent_shapes and rng.random() < 0.2:
+        return format_prompt(None, absent_shapes[int(rng.integers(len(absent_shapes)))], plural=rng.random() >= 0.2)
+    absent = [c for c in TRAIN_CLASSES if c not in set(present)]
+    return sample_prompt(rng, *absent[int(rng.integers(len(absent)))], shape_only_prob=0.0)
 
 
 # ---- the datasets -------------------------------------------------------------------------------
@@ -170,35 +247,59 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class CountingStream(_SceneCrops):
-    """Counting examples: dict(image (3, S, S) float32 in [0, 1], density (1, S, S) float32,
-    count float, prompt str, name str), the items of `clipcount.data.TrainingDataset`."""
+    """Counting examples in the format of `clipcount.data.TrainingDataset`: dict(image (3, S, S)
+    float32 in [0, 1], density (1, S, S) float32, count float, prompt str, name str).
+
+    With `prompts_per_image` P > 1 an item holds P prompts for the one crop, each with its own
+    target: prompts (P strings), density (P, 1, S, S), count (P,) (see `choose_prompts`): several
+    classes of a mixed crop, each counted on its own, and absent classes with all-zero targets, so
+    the model has to read the prompt to get the loss down."""
 
     tag = _COUNTING_TAG
 
     def __init__(self, length: int, seed: int = 0, world: WorldConfig | None = None, crop_size: int = 384,
                  crops_per_scene: int = 1, density_sigma: float = 1.0, density_scale: float = 60.0,
-                 absent_prob: float = 0.0):
+                 absent_prob: float = 0.0, prompts_per_image: int = 1, negative_share: float = 0.0,
+                 hard_negative_share: float = 0.5):
         super().__init__(length, seed, world, crop_size, crops_per_scene)
-        if not 0.0 <= absent_prob <= 1.0:
-            raise ConfigError(f"absent_prob must be in [0, 1], got {absent_prob}")
+        for name, value in (("absent_prob", absent_prob), ("negative_share", negative_share),
+                            ("hard_negative_share", hard_negative_share)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {value}")
+        if prompts_per_image < 1:
+            raise ConfigError(f"prompts_per_image must be >= 1, got {prompts_per_image}")
         self.density_sigma = float(density_sigma)
         self.density_scale = float(density_scale)
         self.absent_prob = float(absent_prob)
+        self.prompts_per_image = int(prompts_per_image)
+        self.negative_share = float(negative_share)
+        self.hard_negative_share = float(hard_negative_share)
 
     def make_item(self, scene: Scene, index: int) -> dict[str, Any]:
         rng = self._rng(index, _CROP_TAG)
         crop = random_crop(scene, rng, self.crop_size)
-        prompt = choose_prompt(crop, scene, rng, self.absent_prob)
+        if self.prompts_per_image == 1:
+            prompt = choose_prompt(crop, scene, rng, self.absent_prob)
+            density, count = self._target(crop, prompt)
+            return {"image": image_tensor(crop.image), "density": density, "count": count, "prompt": prompt,
+                    "name": f"stream-{self.seed}-{self.epoch}-{index}"}
+        prompts = choose_prompts(crop, scene, rng, self.prompts_per_image, self.negative_share,
+                                 self.hard_negative_share)
+        targets = [self._target(crop, prompt) for prompt in prompts]
+        return {
+            "image": image_tensor(crop.image),  # (3, S, S)
+            "density": torch.stack([d for d, _ in targets]),  # (P, 1, S, S)
+            "count": torch.tensor([c for _, c in targets], dtype=torch.float32),  # (P,)
+            "prompts": prompts,
+            "name": f"stream-{self.seed}-{self.epoch}-{index}",
+        }
+
+    def _target(self, crop: Scene, prompt: str) -> tuple[torch.Tensor, float]:
+        """The density map (1, S, S) of the objects the prompt names whose centres lie in the crop."""
         points = crop.points(*parse_prompt(prompt))  # (N, 2) x, y inside the crop
         size = self.crop_size
         density = points_to_density(points, size, size, self.density_sigma, self.density_scale)  # (S, S)
-        return {
-            "image": image_tensor(crop.image),  # (3, S, S)
-            "density": torch.from_numpy(density)[None],  # (1, S, S)
-            "count": float(len(points)),
-            "prompt": prompt,
-            "name": f"stream-{self.seed}-{self.epoch}-{index}",
-        }
+        return torch.from_numpy(density)[None], float(len(points))
 
 
 class CaptionStream(_SceneCrops):
@@ -212,9 +313,10 @@ class CaptionStream(_SceneCrops):
     tag = _CAPTION_TAG
 
     def __init__(self, length: int, context_length: int, seed: int = 0, world: WorldConfig | None = None,
-                 crop_size: int = 384, crops_per_scene: int = 1):
+                 crop_size: int = 384, crops_per_scene: int = 1, patch_grid: int | None = None):
         super().__init__(length, seed, world, crop_size, crops_per_scene)
         self.context_length = int(context_length)
+        self.patch_grid = patch_grid  # with a grid, items also carry `class_fractions` per patch
         self._tokenizer = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -230,22 +332,30 @@ class CaptionStream(_SceneCrops):
 
     def make_item(self, scene: Scene, index: int) -> dict[str, Any]:
         rng = self._rng(index, _CROP_TAG)
-        crop = random_crop(scene, rng, self.crop_size)
+        x0, y0 = random_offset(scene, rng, self.crop_size)
+        crop = crop_scene(scene, x0, y0, self.crop_size)
         caption = caption_for(crop, rng)  # describes the crop, not the scene
-        return {
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(crop.image.transpose(2, 0, 1))),  # (3, S, S) uint8
             "tokens": self.tokenizer(caption, context_length=self.context_length)[0],  # (L,)
             "caption": caption,
         }
+        if self.patch_grid:
+            fractions = class_fractions(scene, x0, y0, self.crop_size, self.patch_grid)
+            item["class_fractions"] = torch.from_numpy(fractions)  # (G * G, 1 + C)
+        return item
 
 
 def collate_captions(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """CaptionStream items -> image (B, 3, S, S) uint8, tokens (B, L) int64, caption list."""
-    return {
+    out = {
         "image": torch.stack([b["image"] for b in batch]),
         "tokens": torch.stack([b["tokens"] for b in batch]),
         "caption": [b["caption"] for b in batch],
     }
+    if "class_fractions" in batch[0]:
+        out["class_fractions"] = torch.stack([b["class_fractions"] for b in batch])  # (B, G * G, 1 + C)
+    return out
 
 
 def mean_training_count(world: WorldConfig | None = None, seed: int = 0, n: int = 500) -> float:
@@ -271,9 +381,12 @@ __all__ = [
     "CountingStream",
     "check_no_held_out",
     "choose_prompt",
+    "choose_prompts",
+    "class_fractions",
     "collate_captions",
     "crop_scene",
     "image_tensor",
     "mean_training_count",
     "random_crop",
+    "random_offset",
 ]

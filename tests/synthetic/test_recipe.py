@@ -193,13 +193,14 @@ def test_timed_pretraining_chooses_its_length(tmp_path):
 def test_presets_fit_the_bundle_and_validate():
     from clipcount.synthetic.recipe import ABLATIONS, ablation_variants, get_preset, model_size_mb
 
-    full = get_preset("full")
-    assert model_size_mb(full.model) < 15.5  # float16 bytes; the bundle limit is 16 MB
-    for name in ("small", "full", "toy"):
+    for name in ("full", "cpu"):
+        assert model_size_mb(get_preset(name).model) < 15.5  # float16 bytes; the bundle limit is 16 MB
+    for name in ("small", "full", "toy", "cpu"):
         preset = get_preset(name)
         preset.world_config()
         names = [v.name for v in ablation_variants(preset)]
-        assert names[-3:] == list(ABLATIONS)
+        assert names[-len(preset.ablations):] == list(preset.ablations) if preset.ablations else names == []
+        assert set(preset.ablations) <= set(ABLATIONS)
     with pytest.raises(ConfigError):
         get_preset("huge")
 
@@ -239,9 +240,13 @@ def test_recipe_runs_end_to_end_and_exports_a_demo(tmp_path, monkeypatch):
 
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert {"main", "no_contrastive", "one_scale", "no_visual_prompts"} <= set(report["results"])
+    from clipcount.synthetic.benchmark import NAE_TARGETS, ROWS, ZERO_TARGETS
+
     for result in report["results"].values():
-        assert {"seen", "held_out", "fidelity", "shape_only", "singular"} <= set(result)
-    assert set(report["targets"]) == {"held_out", "fidelity", "seen"}
+        assert set(ROWS) <= set(result)
+    assert set(report["targets"]) == set(NAE_TARGETS) | set(ZERO_TARGETS)
+    pretrain = report["recipe"]["stages"]["pretrain"]
+    assert {"colour", "shape"} <= set(pretrain["patch_probe"]) and {"colour", "shape"} <= set(pretrain["patch_probe_before"])
     model = load_model(tmp_path / "run" / "main" / "final")
     assert model.count(model(torch.rand(1, 3, 128, 128), ["red circles"])).shape == (1,)
 

@@ -1,0 +1,244 @@
+"""Recipe presets: everything one run of the synthetic recipe is made of (see `recipe.py`).
+
+    cpu    the bundled demo model's recipe: 2 CPU cores, at most 60 minutes of wall time
+    full   sized for one GPU with 16 CPU cores
+    small  proves every stage runs on 2 CPU cores in under 20 minutes (it will not count well)
+    toy    seconds, for tests
+
+Budgets are optimizer steps, or seconds (`time_budget`, `pretrain.time_budget_s`) turned into
+steps on the machine at hand and recorded in the run's recipe.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from clipcount.config import (
+    CLIPConfig,
+    ClipCountConfig,
+    DecoderConfig,
+    InteractionConfig,
+    PromptConfig,
+    TextConfig,
+    TrainConfig,
+    VisionConfig,
+)
+from clipcount.errors import ConfigError
+from clipcount.synthetic.pretrain import PretrainConfig
+from clipcount.synthetic.world import WorldConfig
+
+TEST_SEED = 10_000_000  # benchmark scenes; training uses the preset's small seeds
+# Target density maps are blurred with sigma 2 px, not the published 1 px: the decoder's finest
+# stage is at half the window's resolution, where a 1 px Gaussian cannot be drawn, and the squared
+# error would mostly measure peaks it cannot reach rather than counts. Sums (counts) are the same.
+DENSITY_SIGMA = 2.0
+# One training prompt in five names a class that is absent from the crop but shares its colour or
+# shape with one present: without such prompts a model is rewarded for counting whatever is there,
+# and the first bundled model counted the dominant class of the prompt-fidelity scenes.
+ABSENT_PROB = 0.2
+# Ablations the recipe knows (each one change against the main model, at one shared budget).
+ABLATIONS = ("no_contrastive", "one_scale", "no_visual_prompts", "single_prompt", "no_hard_negatives")
+REFERENCE = "full_same_budget"  # the full recipe at the ablations' budget, when it differs from main's
+
+
+# ---- presets --------------------------------------------------------------------------------------
+
+@dataclass
+class Preset:
+    """Everything a recipe run is made of. Budgets are optimizer steps, or seconds (`time_budget`,
+    `pretrain.time_budget_s`) turned into steps on the machine at hand and recorded in recipe.json."""
+
+    name: str
+    clip: CLIPConfig
+    pretrain: PretrainConfig
+    model: ClipCountConfig  # its `clip` is replaced by the pretrained CLIP's config
+    train: TrainConfig  # the main model's training (epochs of `steps_per_epoch` steps)
+    steps_per_epoch: int
+    crops_per_scene: int = 2
+    absent_prob: float = 0.0  # share of training prompts naming a similar class absent from the crop
+    ablation_steps_per_epoch: int | None = None  # None: the main model's budget
+    ablation_workers: int | None = None  # data workers per ablation process (None: share the cores)
+    concurrent_ablations: bool | None = None  # None: on CUDA only
+    world: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides for training
+    bench_world: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides for test scenes
+    # Seconds of training for "main" and "ablations": steps per epoch are then chosen from the step
+    # rate measured on this machine (recorded in recipe.json); None: the fixed steps above.
+    time_budget: dict[str, float] | None = None
+    ablations: tuple[str, ...] = ABLATIONS[:3]  # which of ABLATIONS this preset trains
+    bench_n: int = 200
+    bench_seed: int = TEST_SEED
+    bench_stride: int = 128
+    train_mean_n: int = 500
+    zero_shot_n: int = 120
+
+    def __post_init__(self) -> None:
+        self.ablations = tuple(self.ablations)  # JSON gives lists
+        unknown = set(self.ablations) - set(ABLATIONS)
+        if unknown:
+            raise ConfigError(f"unknown ablations {sorted(unknown)}; choose from {', '.join(ABLATIONS)}")
+
+    def world_config(self) -> WorldConfig:
+        return WorldConfig(**{**self.world, "mode": "train"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_preset() -> Preset:
+    """The bundled model's recipe: 2 CPU cores, at most 60 minutes of wall time in all.
+
+    20 minutes of CLIP pretraining with region-level signal (every patch learns what covers it),
+    then 30 minutes of CLIP-Count with four prompts per crop (present classes with their own maps,
+    40% absent classes with zero targets, most of them one attribute off), then the benchmark.
+    The model sees each 384-pixel window at 256 pixels (a 16x16 patch grid, interaction at 16x16
+    and 32x32). Time budgets become step counts from the rate measured on the machine at hand.
+    """
+    clip = CLIPConfig(
+        VisionConfig(image_size=256, patch_size=16, width=128, layers=4, heads=4),
+        TextConfig(context_length=32, width=64, layers=2, heads=2),
+        embed_dim=64,
+    )
+    model = ClipCountConfig(
+        clip=clip,
+        prompts=PromptConfig(visual_tokens=4, visual_layers=3, text_context_tokens=2),
+        interaction=InteractionConfig(scales=2, width=64, heads=2),
+        decoder=DecoderConfig(channels=(32, 16, 16, 8), groups=4),
+    )
+    train = TrainConfig(contrastive_epochs=1, density_epochs=5, batch_size=8, lr=1e-3, lr_decay_every=4,
+                        density_sigma=DENSITY_SIGMA, num_workers=1, checkpoint_every=100, log_every=10,
+                        mosaic_prob=0.0, augment_prob=0.0, prompts_per_image=4, negative_share=0.4,
+                        hard_negative_share=0.6)
+    world = {"max_width": 768, "min_size": 10.0, "max_size": 40.0, "max_per_class": 40}
+    return Preset(
+        name="cpu", clip=clip, model=model, train=train, steps_per_epoch=300, world=world, ablations=(),
+        pretrain=PretrainConfig(steps=20000, batch_size=32, lr=1e-3, warmup_steps=30, num_workers=1,
+                                checkpoint_every=100, log_every=10, time_budget_s=1200.0, calibration_steps=15,
+                                region_weight=1.0),
+        bench_n=100, train_mean_n=300, zero_shot_n=60,
+        time_budget={"main": 1800.0, "ablations": 600.0},
+    )
+
+
+def small_preset() -> Preset:
+    """2 CPU cores, under 20 minutes: proves every stage runs (a 192-pixel view cannot count 8 px shapes).
+
+    Sized by time like the full preset (150 s of CLIP pretraining, 240 s for the main model, 240 s
+    for the four ablation-stage models one after another), so a slower or busier machine trains
+    fewer steps rather than taking longer.
+    """
+    clip = CLIPConfig(
+        VisionConfig(image_size=192, patch_size=16, width=96, layers=4, heads=3),
+        TextConfig(context_length=32, width=64, layers=2, heads=2),
+        embed_dim=64,
+    )
+    model = ClipCountConfig(
+        clip=clip,
+        prompts=PromptConfig(visual_tokens=4, visual_layers=3, text_context_tokens=2),
+        interaction=InteractionConfig(scales=2, width=64, heads=2),
+        decoder=DecoderConfig(channels=(32, 16, 16, 8), groups=4),
+    )
+    train = TrainConfig(contrastive_epochs=1, density_epochs=3, batch_size=8, lr=5e-4, lr_decay_every=3,
+                        density_sigma=DENSITY_SIGMA, num_workers=1, checkpoint_every=100, log_every=10,
+                        mosaic_prob=0.0, augment_prob=0.0)
+    return Preset(
+        name="small", clip=clip, model=model, train=train, steps_per_epoch=60, absent_prob=ABSENT_PROB,
+        pretrain=PretrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=30, num_workers=1,
+                                checkpoint_every=50, log_every=10, time_budget_s=150.0, calibration_steps=15),
+        ablation_steps_per_epoch=25, concurrent_ablations=False,
+        world={"max_width": 640}, bench_n=24, train_mean_n=200, zero_shot_n=60,
+        time_budget={"main": 240.0, "ablations": 240.0},
+    )
+
+
+def full_preset() -> Preset:
+    """The bundled model's recipe: one H100 and 16 CPU cores, about 8 minutes of wall time.
+
+    The model sees each 384-pixel window at full resolution (patch 16: a 24x24 grid, the
+    interaction at 24x24 and 48x48), so 8-pixel shapes keep their outline. Weights: about 7M
+    parameters, 14.5 MB in float16 (the 49408-token embedding is 3.2M of them at text width 64).
+
+    Training is sized by time (70 s of CLIP pretraining, 220 s for the main model, 60 s for the
+    four ablation-stage models together): the step counts are chosen from throughput measured at
+    the start of each stage and recorded in recipe.json. The step counts below are upper bounds.
+    """
+    workers = max(1, _cores() - 2)
+    clip = CLIPConfig(
+        VisionConfig(image_size=384, patch_size=16, width=192, layers=6, heads=3),
+        TextConfig(context_length=32, width=64, layers=3, heads=2),
+        embed_dim=128,
+    )
+    model = ClipCountConfig(
+        clip=clip,
+        prompts=PromptConfig(visual_tokens=10, visual_layers=5, text_context_tokens=2),
+        interaction=InteractionConfig(scales=2, width=128, heads=4),
+        decoder=DecoderConfig(channels=(64, 32, 16, 16), groups=8),
+    )
+    train = TrainConfig(contrastive_epochs=1, density_epochs=5, batch_size=32, lr=4e-4, lr_decay_every=4,
+                        density_sigma=DENSITY_SIGMA, num_workers=workers, checkpoint_every=500, log_every=25,
+                        mosaic_prob=0.0, augment_prob=0.0)
+    return Preset(
+        name="full", clip=clip, model=model, train=train, steps_per_epoch=600, crops_per_scene=3,
+        absent_prob=ABSENT_PROB,
+        pretrain=PretrainConfig(steps=4000, batch_size=256, lr=5e-4, warmup_steps=60, crops_per_scene=3,
+                                num_workers=workers, checkpoint_every=200, log_every=25, time_budget_s=70.0,
+                                calibration_steps=60),
+        ablation_steps_per_epoch=150, ablation_workers=max(1, (workers - 1) // 4),
+        bench_n=100, train_mean_n=600, zero_shot_n=180,
+        time_budget={"main": 220.0, "ablations": 60.0},
+    )
+
+
+def toy_preset() -> Preset:
+    """Seconds: a few steps of tiny models on small scenes (128-pixel windows), for tests."""
+    clip = CLIPConfig(
+        VisionConfig(image_size=64, patch_size=16, width=32, layers=2, heads=2),
+        TextConfig(context_length=32, width=32, layers=1, heads=2),
+        embed_dim=32,
+    )
+    model = ClipCountConfig(
+        clip=clip,
+        prompts=PromptConfig(visual_tokens=2, visual_layers=1, text_context_tokens=2),
+        interaction=InteractionConfig(scales=2, width=16, heads=2),
+        decoder=DecoderConfig(channels=(16, 8, 8, 8), groups=4),
+        window_size=128,
+    )
+    train = TrainConfig(contrastive_epochs=1, density_epochs=1, batch_size=4, lr=1e-3, num_workers=0,
+                        checkpoint_every=100, log_every=1, mosaic_prob=0.0, augment_prob=0.0, prompts_per_image=2,
+                        negative_share=0.5)
+    world = {"height": 128, "min_width": 128, "max_width": 224, "min_size": 6.0, "max_size": 24.0,
+             "max_per_class": 20}
+    return Preset(
+        name="toy", clip=clip, model=model, train=train, steps_per_epoch=2,
+        pretrain=PretrainConfig(steps=3, batch_size=8, warmup_steps=1, crop_size=128, num_workers=0,
+                                checkpoint_every=2, log_every=1, region_weight=1.0),
+        concurrent_ablations=False, world=world, bench_world=world, bench_n=2, train_mean_n=8, zero_shot_n=4,
+    )
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {"cpu": cpu_preset, "full": full_preset, "small": small_preset,
+                                            "toy": toy_preset}
+
+
+def get_preset(preset: str | Preset, time_scale: float = 1.0) -> Preset:
+    """A preset by name; `time_scale` multiplies its time budgets (e.g. 0.8 on a tighter slot)."""
+    if not isinstance(preset, Preset):
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown recipe preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[preset]()
+    if time_scale != 1.0:
+        if not time_scale > 0:
+            raise ConfigError(f"the time scale must be positive, got {time_scale}")
+        preset = copy.deepcopy(preset)
+        if preset.pretrain.time_budget_s:
+            preset.pretrain.time_budget_s *= time_scale
+        if preset.time_budget:
+            preset.time_budget = {k: v * time_scale for k, v in preset.time_budget.items()}
+    return preset
