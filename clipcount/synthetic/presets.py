@@ -112,8 +112,10 @@ def cpu_preset() -> Preset:
         interaction=InteractionConfig(scales=2, width=64, heads=2),
         decoder=DecoderConfig(channels=(32, 16, 16, 8), groups=4),
     )
+    # sigma 4 px: the decoder's finest map is a third of the window here (128 px for 384), where a
+    # 2 px Gaussian is under one pixel wide; counts (the sums) do not depend on it.
     train = TrainConfig(contrastive_epochs=1, density_epochs=5, batch_size=8, lr=1e-3, lr_decay_every=4,
-                        density_sigma=DENSITY_SIGMA, num_workers=1, checkpoint_every=100, log_every=10,
+                        density_sigma=4.0, num_workers=1, checkpoint_every=100, log_every=10,
                         mosaic_prob=0.0, augment_prob=0.0, prompts_per_image=4, negative_share=0.4,
                         hard_negative_share=0.6)
     world = {"max_width": 768, "min_size": 10.0, "max_size": 40.0, "max_per_class": 40}
