@@ -220,7 +220,7 @@ def test_eval_max_pixels(tiny_checkpoint, tmp_path, make_image, capsys):
     make_image(tmp_path / "data" / "a.png")
     (tmp_path / "data" / "annotations.csv").write_text("image,class,x,y\na.png,dots,10,10\n")
     code = main(["eval", "--model", str(tiny_checkpoint), "--dataset", "folder", "--root", str(tmp_path / "data"),
-                 "--no-progress", "--max-pixels", "1000"])
+                 "--split", "all", "--no-progress", "--max-pixels", "1000"])
     err = capsys.readouterr().err
     assert code == 2 and "more than the limit of 1,000" in err and len(err.strip().splitlines()) == 1
 
@@ -280,13 +280,13 @@ def test_demo_note_is_one_short_line_after_the_results(picture, tmp_path):
 def test_eval_demo_note_and_no_foreign_published_scores(tmp_path, make_image):
     make_image(tmp_path / "data" / "a.png")
     (tmp_path / "data" / "annotations.csv").write_text("image,class,x,y\na.png,dots,10,10\na.png,dots,20,20\n")
-    done = run_cli("eval", "--model", "demo", "--dataset", "folder", "--root", "data", "--no-progress", cwd=tmp_path)
+    done = run_cli("eval", "--model", "demo", "--dataset", "folder", "--root", "data", "--split", "all", "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "published" not in done.stdout and "MAE" in done.stdout
     assert "Warning" not in done.stderr and "warn" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "demo model" in lines[0] and len(lines[0]) <= 130
-    quiet = run_cli("eval", "--model", "demo", "--dataset", "folder", "--root", "data", "--no-progress", "-q",
+    quiet = run_cli("eval", "--model", "demo", "--dataset", "folder", "--root", "data", "--split", "all", "--no-progress", "-q",
                     cwd=tmp_path)
     assert quiet.returncode == 0 and quiet.stderr == ""
 
@@ -403,7 +403,7 @@ def test_warnings_are_one_plain_line(tiny_checkpoint, tmp_path, make_image):
     make_image(tmp_path / "data" / "a.png")
     (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     (tmp_path / "data" / "annotations.csv").write_text("image,class,x,y\na.png,dots,10,10\nbroken.png,dots,5,5\n")
-    done = run_cli("eval", "--model", str(tiny_checkpoint), "--dataset", "folder", "--root", "data",
+    done = run_cli("eval", "--model", str(tiny_checkpoint), "--dataset", "folder", "--root", "data", "--split", "all",
                    "--skip-bad", "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stderr.strip().splitlines()
