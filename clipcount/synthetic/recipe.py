@@ -511,7 +511,7 @@ def _stage_ablations(preset: Preset, out_dir: Path, state: RecipeState, clip_fol
 def _stage_benchmark(preset: Preset, out_dir: Path, state: RecipeState, train_mean: float | None,
                      device: torch.device, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
     from clipcount.report import write_json
-    from clipcount.synthetic.benchmark import benchmark_world, format_targets, run_benchmark
+    from clipcount.synthetic.benchmark import benchmark_world, run_benchmark
 
     t0 = time.time()
     models = {"main": out_dir / "main" / "final"}
@@ -529,7 +529,6 @@ def _stage_benchmark(preset: Preset, out_dir: Path, state: RecipeState, train_me
         stride=preset.bench_stride, device=str(device), train_mean=train_mean, out=None,
         world=benchmark_world().replace(**preset.bench_world), progress=progress, title=title,
     )
-    say(format_targets(payload["targets"]))
     payload["recipe"] = {"preset": preset.name, "stages": state.data["stages"], "values": state.data["values"],
                          "train_mean_count": train_mean}
     state.finish("benchmark", time.time() - t0)
