@@ -23,7 +23,7 @@ fine-tunes once with the published from-scratch schedule (--contrastive-epochs 2
     python benchmarks/finetune.py --out finetune.json --max-steps 60      # a quicker look
 
 Prints a table (MAE, RMSE, bias, count of an empty black tile) and writes the JSON. Needs
-scikit-image (pip install scikit-image).
+scikit-image, the package's `bench` extra: pip install -e '.[bench]'.
 """
 
 from __future__ import annotations
@@ -132,6 +132,16 @@ def scores(truth: np.ndarray, predicted: np.ndarray) -> dict:
             "bias": float(error.mean())}
 
 
+def has_scikit_image() -> bool:
+    """scikit-image imports (checked before any work, so a missing one is one line, not a traceback)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("skimage") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="finetune.json", help="JSON file for the results")
@@ -140,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-published", action="store_true",
                         help="also fine-tune with the published from-scratch schedule")
     args = parser.parse_args(argv)
+    if not has_scikit_image():
+        print("benchmarks/finetune.py needs scikit-image (its images and points); install it with "
+              "pip install -e '.[bench]'", file=sys.stderr)
+        return 2
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with tempfile.TemporaryDirectory(prefix="clipcount-finetune-") as scratch:
         work = Path(args.work or scratch)
