@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipcount.errors import ClipCountError, PromptError
-from clipcount.imaging import IMAGE_EXTENSIONS, load_image
+from clipcount.imaging import IMAGE_EXTENSIONS, load_image_sized
 from clipcount.models import ASSETS
 
 if TYPE_CHECKING:  # the API pulls in torch; `clipcount --help` imports this module for its defaults
@@ -109,15 +109,22 @@ class PageCounter:
                               "\"Try the example\"")
         prompts = parse_prompts(prompt_text)
         name = Path(upload).name
-        pixels = self.load(upload)
-        results = self.counter.count_loaded(pixels, prompts)  # a list of CountResult, one per prompt
+        pixels, size = self.load_sized(upload)
+        # as `clipcount count` does: points, width and height in the file's own pixel grid, even
+        # when a big photo is counted reduced (ImageLimits.max_side_for_counting)
+        results = self.counter.count_loaded(pixels, prompts, size)  # a list of CountResult, one per prompt
         csv_path, json_path = self._write_downloads(name, results)
         return PageResult(results_html(pixels, results), [(r.prompt, r.count) for r in results], csv_path, json_path)
 
     def load(self, upload: str) -> np.ndarray:
-        """The uploaded file as (H, W, 3) float32; errors name the file, not the server's temp path."""
+        """The uploaded file as (H, W, 3) float32 (reduced if it is very big; see `load_sized`)."""
+        return self.load_sized(upload)[0]
+
+    def load_sized(self, upload: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """The uploaded file as (H', W', 3) float32 as counted, and the file's own (H, W): larger when
+        it was reduced for counting. Errors name the file, not the server's temp path."""
         try:
-            return load_image(upload, self.counter.limits)
+            return load_image_sized(upload, self.counter.limits)
         except ClipCountError as error:
             raise type(error)(str(error).replace(str(upload), Path(upload).name)) from None
 
@@ -171,16 +178,30 @@ _ERROR = ("display:flex;gap:12px;align-items:flex-start;padding:14px 16px;border
 
 
 def results_html(pixels: np.ndarray, results: list[CountResult]) -> str:
-    """The legend, then one card per prompt: "prompt: count" in large type above its heat map."""
+    """The legend, then one card per prompt: "prompt: count" in large type above its heat map.
+
+    pixels: the image as counted (H', W', 3); results: its CountResults (points in the file's grid)."""
     cards = "".join(_card(pixels, result) for result in results)
+    reduced = reduced_note_html(results[0]) if results and results[0].downscaled else ""
     return (f'<div class="clipcount-results" style="display:flex;flex-direction:column;gap:12px">{legend_html()}'
-            f'<div style="display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start">{cards}</div></div>')
+            f'{reduced}<div style="display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start">{cards}</div></div>')
+
+
+def reduced_note_html(result: CountResult) -> str:
+    """One line saying that a big photo was counted reduced, and that the results are in its own pixels."""
+    height, width = result.image_size
+    counted_height, counted_width = result.density.shape[:2]
+    return ('<p class="clipcount-reduced" style="margin:0;font-size:0.95rem">'
+            f"This image ({width}&times;{height} pixels) was reduced to {counted_width}&times;{counted_height} "
+            "for counting; the downloaded points, width and height are in its own pixels.</p>")
 
 
 def _card(pixels: np.ndarray, result: CountResult) -> str:
     from clipcount.visualize import format_count, overlay
 
-    picture = _shrunk(overlay(pixels, result.density, result.points, result.count, result.prompt, caption=False))
+    # drawn on the image as counted: points go from the file's pixel grid to the counted one
+    picture = _shrunk(overlay(pixels, result.density, result.points_on_density(), result.count, result.prompt,
+                              caption=False))
     prompt = html.escape(result.prompt)
     return (
         f'<figure class="clipcount-card" style="{_CARD}">'

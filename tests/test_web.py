@@ -108,6 +108,41 @@ def test_preview_is_small_uint8(tiny_counter, make_image, tmp_path):
     assert page.preview(None) is None
 
 
+def test_page_counts_big_photos_in_their_own_pixel_grid(tiny_checkpoint, tiny_counter, make_image, tmp_path):
+    """A photo wider than the page counts at (4096 px) is counted reduced, as `clipcount count` does:
+    points, width and height in the file's own pixels, and one line on the page says so."""
+    from clipcount.imaging import ImageLimits
+
+    height, width = 120, 5000
+    limit = ImageLimits().max_side_for_counting
+    assert width > limit
+    image = make_image(tmp_path / "panorama.png", height, width)
+    result = PageCounter(tiny_counter, tmp_path / "files").count(str(image), "dots")
+    (row,) = json.loads(Path(result.json_path).read_text())["results"]
+    assert (row["width"], row["height"]) == (width, height)
+    with open(result.csv_path, newline="") as handle:
+        (line,) = csv.DictReader(handle)
+    assert (int(line["width"]), int(line["height"])) == (width, height)
+    expected = tiny_counter.count(str(image), "dots")  # the Python API: the file's pixel grid
+    assert len(expected.points) > 0 and row["points"] == np.round(expected.points, 1).tolist()
+    assert max(x for x, _ in row["points"]) > limit  # not squeezed into the reduced grid
+    assert result.html.count('class="clipcount-reduced"') == 1 and f"{width}&times;{height}" in result.html
+    small = PageCounter(tiny_counter, tmp_path / "files").count(str(make_image(tmp_path / "small.png")), "dots")
+    assert "clipcount-reduced" not in small.html
+
+
+def test_serve_max_pixels_reaches_the_page(tiny_checkpoint, make_image, tmp_path):
+    """`serve --max-pixels N`: the page refuses bigger uploads, naming the limit and the flag."""
+    from clipcount.cli import build_parser
+    from clipcount.cli.count import load_counter
+
+    args = build_parser().parse_args(["serve", "--model", str(tiny_checkpoint), "--max-pixels", "5000",
+                                      "--device", "cpu"])
+    page = PageCounter(load_counter(args), tmp_path / "files")
+    with pytest.raises(ImageError, match=r"more than the limit of 5,000.*--max-pixels"):
+        page.count(str(make_image(tmp_path / "big.png", 96, 128)), "dots")
+    assert page.count(str(make_image(tmp_path / "ok.png", 40, 120)), "dots").counts
+
 # ---- the page in a browser ----------------------------------------------------------------------
 
 def _free_port() -> int:
