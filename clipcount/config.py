@@ -199,6 +199,10 @@ class TrainConfig:
     prompts_per_image: int = 1
     negative_share: float = 0.0
     hard_negative_share: float = 0.5
+    # Chance that a training item is a background crop instead: a square of its image that holds no
+    # annotated object, resized to the window, with an all-zero target (data/background.py). Without
+    # any, a few images whose every crop holds objects never show what "none here" looks like.
+    background_share: float = 0.0
     num_workers: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_every: int = 500  # steps
@@ -212,16 +216,22 @@ class TrainConfig:
 # fewer epochs (an epoch of 3 images is one step). The density output layer starts afresh and linear
 # (see fresh_head in cli/train.py): a saturating output kept from the checkpoint (the demo model's
 # softplus, the published sigmoid) learns background 0 only through a vanishing gradient, and a
-# short fine-tune then leaves a diffuse floor that adds tens of objects to every image. (Measured by
-# benchmarks/finetune.py: 50 steps with these defaults still counted 84 on an empty black tile; the
-# floor is not solved yet, see README "Your own data".) The image
+# short fine-tune then leaves a diffuse floor that adds tens of objects to every image. Even a linear
+# output keeps such a floor when every training crop holds objects (a few images, each resized to the
+# window, so the crop is the whole image): nothing shows it what "none here" looks like, and a
+# short run learns the images' mean level before it learns where the objects are. So a quarter of
+# the crops are background crops (data/background.py), and the learning rate is the one the demo
+# model was trained with: at 3e-4 50 steps hardly get past the mean level. (benchmarks/finetune.py,
+# 50 steps on 6 tiles: an empty black tile counted 141 with lr 3e-4 and no background crops, 138
+# with lr 1e-3 alone, 88 with background crops alone, 5 with both.) The image
 # tower's visual prompts stay as trained (cli/train.py, --tune-prompts to train them): the backward
 # pass then stops before CLIP's image tower, about 3x cheaper a step, and a few images cannot
 # re-learn what the prompts learned from many.
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "contrastive_epochs": 0,
     "density_epochs": 50,
-    "lr": 3e-4,  # a fresh output layer must reach the new data's density level within few steps
+    "lr": 1e-3,  # a fresh output layer must reach the new data's density level within few steps
+    "background_share": 0.25,  # crops of empty background, all-zero targets (see above)
     "lr_decay_every": 1000,  # no decay within a fine-tune
     "mosaic_prob": 0.0,  # few images: a mosaic of them repeats the same objects
     "checkpoint_every": 50,

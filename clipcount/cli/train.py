@@ -52,6 +52,7 @@ _OVERRIDES = {
     "prompts_per_image": "prompts_per_image",
     "negative_share": "negative_share",
     "hard_negative_share": "hard_negative_share",
+    "background_share": "background_share",
 }
 
 
@@ -117,6 +118,9 @@ def register(subparsers) -> None:
     train.add_argument("--hard-negative-share", type=float,
                        help="share of negatives taken from the class names nearest the image's own by text "
                        "embedding (0.5)")
+    train.add_argument("--background-share", type=float,
+                       help="chance that a training crop is a part of its image with no annotated object (all-zero "
+                       "target), so that empty background learns to count 0 (0)")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     train.add_argument("--workers", type=int, help="data loading processes (2)")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (500)")
@@ -157,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     base = build_dataset(args.dataset, args.root, split=args.split, skip_bad=args.skip_bad, **extra)
     augment = AugmentConfig(mosaic_prob=cfg.mosaic_prob, augment_prob=cfg.augment_prob)
     dataset = TrainingDataset(base, crop_size=model.config.window_size, augment_cfg=augment,
-                              density_sigma=cfg.density_sigma, density_scale=model.config.density_scale, seed=cfg.seed)
+                              density_sigma=cfg.density_sigma, density_scale=model.config.density_scale, seed=cfg.seed,
+                              background_share=cfg.background_share)
     if not earlier_run and (not args.init or not args.keep_head):  # a new head: start it near 0 (engine/head_init.py)
         if args.init:
             fresh_head(model)

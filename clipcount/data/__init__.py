@@ -90,6 +90,10 @@ class TrainingDataset(torch.utils.data.Dataset):
     runs; call `set_epoch` each epoch for a new stream (with DataLoader(persistent_workers=False),
     the default, workers pick it up). `augment=False` keeps only the resize and random crop
     (validation crops).
+
+    `background_share`: the chance that an item is instead a background crop (data/background.py):
+    the largest square of the resized image with no point near it (at least crop_size / 8 wide),
+    resized to the window, with an all-zero density. Images without one give an ordinary item.
     """
 
     def __init__(
@@ -101,8 +105,12 @@ class TrainingDataset(torch.utils.data.Dataset):
         density_scale: float = 60.0,
         seed: int = 0,
         augment: bool = True,
+        background_share: float = 0.0,
     ):
+        if not 0.0 <= background_share <= 1.0:
+            raise ConfigError(f"background share must be between 0 and 1, not {background_share}")
         self.base = base
+        self.background_share = float(background_share)
         self.crop_size = int(crop_size)
         self.cfg = dataclasses.replace(augment_cfg or AugmentConfig(), crop_size=self.crop_size)
         self.density_sigma = float(density_sigma)
@@ -133,18 +141,36 @@ class TrainingDataset(torch.utils.data.Dataset):
             )
         return resize_to_height(sample, self.crop_size)
 
+    def _crop(self, sample: CountingSample, index: int, rng: np.random.Generator) -> CountingSample:
+        """The ordinary item: the augmentation policy (or, without it, a random crop)."""
+        if not self.augment:
+            return random_crop(sample, self.crop_size, rng)
+        peers = [j for j in self._by_prompt[self._prompts[index]] if j != index] or [int(index)]
+
+        def extra() -> CountingSample:
+            return self._load(int(rng.choice(peers)))
+
+        return _augment_module.augment(sample, rng, self.cfg, extra)
+
+    def _background_crop(self, sample: CountingSample, rng: np.random.Generator) -> CountingSample | None:
+        """A point-free square of the sample resized to the window, or None if it has none big enough."""
+        from clipcount.data.background import empty_square
+
+        margin = max(2, int(np.ceil(3 * self.density_sigma)))  # no point's target mass reaches in
+        found = empty_square(sample.points, sample.height, sample.width, max(1, self.crop_size // 8), margin, rng)
+        if found is None:
+            return None
+        x0, y0, side = found
+        return resize(crop(sample, x0, y0, side, side), self.crop_size, self.crop_size)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         sample = self._load(index)
-        if self.augment:
-            peers = [j for j in self._by_prompt[self._prompts[index]] if j != index] or [int(index)]
-
-            def extra() -> CountingSample:
-                return self._load(int(rng.choice(peers)))
-
-            out = _augment_module.augment(sample, rng, self.cfg, extra)
-        else:
-            out = random_crop(sample, self.crop_size, rng)
+        # drawn only when asked for, so that runs without background crops keep their random stream
+        background = self.background_share > 0 and rng.random() < self.background_share
+        out = self._background_crop(sample, rng) if background else None
+        if out is None:
+            out = self._crop(sample, index, rng)
         size = self.crop_size
         density = points_to_density(out.points, size, size, self.density_sigma, self.density_scale)
         return {
