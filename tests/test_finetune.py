@@ -100,7 +100,8 @@ def test_help_says_which_defaults_fine_tuning_uses(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--contrastive-epochs 0" in text and "--density-epochs 50" in text and "--init" in text
+    assert "--contrastive-epochs 0" in text and "--density-epochs 200" in text and "--init" in text
+    assert "--background-share 0.25" in text and "--lr 0.001" in text
 
 
 def test_fine_tune_on_a_folder_and_evaluate_as_the_hint_says(tiny_checkpoint, tmp_path, capsys):
@@ -118,7 +119,7 @@ def test_fine_tune_on_a_folder_and_evaluate_as_the_hint_says(tiny_checkpoint, tm
     assert "--annotations" in hint and "--split test" in hint
     config = json.loads((run / "final" / "config.json").read_text())
     used = config["training"]["train_config"]
-    assert used["contrastive_epochs"] == 0 and used["density_epochs"] == 50  # fine-tuning defaults
+    assert used["contrastive_epochs"] == 0 and used["density_epochs"] == 200  # fine-tuning defaults
     assert config["clipcount"]["decoder"]["activation"] == "identity"  # a fresh linear output layer
     words = shlex.split(hint)
     assert words[:2] == ["clipcount", "eval"]

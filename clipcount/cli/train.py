@@ -120,7 +120,7 @@ def register(subparsers) -> None:
                        "embedding (0.5)")
     train.add_argument("--background-share", type=float,
                        help="chance that a training crop is a part of its image with no annotated object (all-zero "
-                       "target), so that empty background learns to count 0 (0)")
+                       "target), so that empty background learns to count 0 (0; 0.25 with --init)")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     train.add_argument("--workers", type=int, help="data loading processes (2)")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (500)")
