@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 def table(rows: dict[str, dict], n_train: int, truth: np.ndarray) -> str:
     lines = [f"held-out: {len(truth)} tiles, {truth.min():.0f}-{truth.max():.0f} stars (mean {truth.mean():.1f}); "
              f"fine-tuned on {n_train} tiles; empty tile: the count of a black 250x250 image (0 is right)",
-             f"{'model':38} {'MAE':>7} {'RMSE':>7} {'bias':>7} {'empty tile':>11} {'train s':>8}"]
+             f"{'model':38} {'MAE':>7} {'RMSE':>7} {'bias':>7} {'empty tile':>11} {'train CPU s':>12} {'wall s':>7}"]
     for label, row in rows.items():
         lines.append(f"{label:38} {row['mae']:7.1f} {row['rmse']:7.1f} {row['bias']:+7.1f} "
                      f"{row['empty_tile']:11.1f} {row['cpu_seconds']:12.0f} {row['seconds']:7.0f}")
