@@ -214,7 +214,7 @@ class TrainConfig:
 # What `clipcount train --init CKPT` changes in TrainConfig's published from-scratch recipe. A trained
 # model needs no contrastive warm-up (its patches already match text), and a few images need far
 # fewer epochs (an epoch of 3 images is one step). The density output layer starts afresh and linear
-# (see fresh_head in cli/train.py): a saturating output kept from the checkpoint (the demo model's
+# (see fresh_head in cli/train.py): a saturating output kept from the checkpoint (an earlier demo model's
 # softplus, the published sigmoid) learns background 0 only through a vanishing gradient, and a
 # short fine-tune then leaves a diffuse floor that adds tens of objects to every image. Even a linear
 # output keeps such a floor when every training crop holds objects (a few images, each resized to the
