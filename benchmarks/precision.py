@@ -66,12 +66,12 @@ def compare_one(name: str, set_name: str, fp32: np.ndarray, precision: str, bf16
 
 
 def demo_cases(n: int) -> dict[str, list[Case]]:
-    from benchmarks.counting import SCENE_KINDS, make_test_scene
+    from clipcount.synthetic.benchmark import DEFAULT_SEED, SCENE_SETS, make_test_scene
 
     cases: dict[str, list[Case]] = {}
-    for kind in SCENE_KINDS:
+    for kind in SCENE_SETS:
         for index in range(n):
-            scene = make_test_scene(10_000_000, kind, index)
+            scene = make_test_scene(DEFAULT_SEED, kind, index)
             image = torch.from_numpy(scene.image.transpose(2, 0, 1).astype(np.float32) / 255.0)
             cases.setdefault(f"benchmark scenes: {kind}", []).append((image, list(scene.prompts.values())))
     return cases
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     print(f"native bf16 on this CPU: {cpu_has_native_bf16()}; {torch.get_num_threads()} threads", flush=True)
     rows = []
-    from benchmarks.counting import load_checkpoint
+    from clipcount.synthetic.benchmark import load_checkpoint
 
     demo, _ = load_checkpoint("demo")
     for set_name, cases in demo_cases(args.n).items():
