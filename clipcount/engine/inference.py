@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from clipcount.engine.windows import WINDOWINGS, merge_windows, plan_windows, resize_to_height, split_windows
+from clipcount.modeling.clip import MLP, MultiheadSelfAttention
 from clipcount.modeling.clip_count import ClipCount, check_prompts
+from clipcount.modeling.interaction import FeedForward, SelfAttention
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -40,13 +43,12 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype of the prompt-dependent part (interaction and decoder).
+    """The autocast dtype of the whole model (None: no autocast).
 
-    `auto`: bf16 on a GPU and on a CPU with native bf16 (cpu_has_native_bf16), else none (float32).
-    benchmarks/precision.py measures what it costs: within 0.5% of float32 counts on its scenes."""
+    `bf16`: everything but the density head in bf16; `auto`: the same on a GPU, and no autocast on
+    a CPU, where `auto` runs only some layers' matmuls in bf16 (pick_bf16_modules)."""
     if precision == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-        return torch.bfloat16 if native else None
+        return torch.bfloat16 if device.type == "cuda" else None
     if precision in ("fp32", "float32"):
         return None
     if precision in ("bf16", "bfloat16"):
@@ -54,14 +56,25 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | N
     raise ValueError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
 
 
-def pick_encoder_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype of the CLIP towers (image and text encoders): pick_dtype's, except that
-    `auto` keeps them in float32 on a CPU. The image encoder's bf16 matmuls moved counts by up to
-    0.73% on the benchmark scenes (the interaction and decoder in bf16: 0.2%), more than the 0.5%
-    that `auto` may cost; `bf16` asks for it anyway (the fastest: ~3x on one prompt)."""
-    if precision == "auto" and device.type == "cpu":
-        return None
-    return pick_dtype(device, precision)
+# `auto` on a CPU with native bf16: the matmuls of these modules (paths, a regular expression) run
+# in bf16 from bf16 weight copies; their inputs, their outputs and everything around them (layer
+# norms, attention softmax, the residual streams) stay float32 (clip.in_weight_dtype). They hold
+# most of the FLOPs: the image tower's MLPs (two thirds of its matmuls) and the interaction's
+# self-attention projections and MLPs (most of each extra prompt's). Kept float32, measured by
+# benchmarks/precision.py (README "Performance"): the image tower's attention projections (with
+# them in bf16 too the demo model's counts moved by up to 0.45%, not 0.31%), the decoder (rounding
+# its convolutions' weights alone moved them 1.6%), the cross-attention to the prompt (its value
+# is added to every token alike, so its rounding does not average out) and the projection into the
+# interaction. Autocast instead (bf16 outputs, bf16 residual streams) moved them 1.45%.
+AUTO_BF16_MODULES = r"clip\.visual\.transformer\.resblocks\.\d+\.mlp|interaction\.fim_blocks\.\d+\.(selfattn|mlp)"
+
+
+def pick_bf16_modules(device: torch.device, precision: str = "auto") -> str | None:
+    """The modules (a regular expression of paths) whose matmuls run in bf16 without autocast:
+    AUTO_BF16_MODULES for `auto` on a CPU with native bf16 (cpu_has_native_bf16), else none."""
+    pick_dtype(device, precision)  # rejects unknown precisions
+    native = precision == "auto" and device.type == "cpu" and cpu_has_native_bf16()
+    return AUTO_BF16_MODULES if native else None
 
 
 # On a CPU a few windows already keep the matmul units busy (3 windows of ViT-B/16 are 651 token
@@ -70,27 +83,58 @@ def pick_encoder_dtype(device: torch.device, precision: str = "auto") -> torch.d
 CPU_MAX_BATCH = 4
 
 
-# Modules the bf16 weight copies leave alone: the text tower (run once per prompt, its embeddings
-# cached) and the density head, which runs in float32 (DensityDecoder.forward).
+# Modules the bf16 weight copies of `bf16` leave alone: the text tower (run once per prompt, its
+# embeddings cached) and the density head, which runs in float32 (DensityDecoder.forward).
 KEEP_WEIGHTS = ("clip.transformer.", "decoder.final_conv.")
-ENCODER_WEIGHTS = ("clip.visual.", "visual_prompts.")  # also left alone while the encoder runs float32
+CAST_MODULES = (nn.Linear, nn.Conv2d, MultiheadSelfAttention)  # the latter: its packed in_proj
+WEIGHT_DTYPE_MODULES = (MLP, MultiheadSelfAttention, FeedForward, SelfAttention)  # clip.in_weight_dtype
+
+
+def outside(prefixes: tuple[str, ...]) -> Callable[[str], bool]:
+    """A module-path test: true outside the `prefixes` (paths with a trailing dot)."""
+    return lambda path: not f"{path}.".startswith(prefixes)
+
+
+def within(pattern: str) -> Callable[[str], bool]:
+    """A module-path test: true for the modules `pattern` matches in full and for those inside them."""
+    compiled = re.compile(rf"(?:{pattern})(?:\..*)?")
+    return lambda path: compiled.fullmatch(path) is not None
+
+
+def channels_last_convolutions(model: nn.Module, under: tuple[str, ...] = ("interaction.", "decoder.")) -> None:
+    """Stores the convolution weights `under` these module paths in channels-last order, the order of
+    their inputs (the interaction's and decoder's maps): on a CPU oneDNN otherwise reorders a weight
+    on every call, a quarter of a 512x512x3x3 convolution's time. Same values, same results."""
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and f"{path}.".startswith(under):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+
+
+def check_bf16_modules(model: nn.Module, pattern: str) -> None:
+    """bf16 without autocast needs modules that compute in their weights' dtype (clip.in_weight_dtype)."""
+    for path, module in model.named_modules():
+        if re.fullmatch(pattern, path) and not isinstance(module, WEIGHT_DTYPE_MODULES):
+            kinds = ", ".join(kind.__name__ for kind in WEIGHT_DTYPE_MODULES)
+            raise ValueError(f"bf16 modules {pattern!r} name {path} ({type(module).__name__}); "
+                             f"only these run in bf16 without autocast: {kinds}")
 
 
 class CastWeights:
-    """Low-precision copies of a model's Linear and Conv2d weights, swapped in around a call.
+    """Low-precision copies of a model's matmul weights (CAST_MODULES), swapped in around a call.
 
     Autocast casts a float32 weight on every use (it caches casts only of parameters that require
     grad, and only within one autocast region): on a CPU that is a pass over all the ViT's weights
     per batch of windows, a sixth of the time of a bf16 count. The copies are the values autocast
     would cast to (a few products, e.g. QuickGELU's bias x scale, then round in bf16 too: counts
-    agree to bf16 rounding); they cost half the swapped weights' memory.
+    agree to bf16 rounding); they cost half the swapped weights' memory. `select`: which modules,
+    by path (default: all but KEEP_WEIGHTS).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = KEEP_WEIGHTS):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, select: Callable[[str], bool] = outside(KEEP_WEIGHTS)):
         self.slots = [
             (module, name, weight, weight.detach().to(dtype))
             for path, module in model.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d)) and not f"{path}.".startswith(keep)
+            if isinstance(module, CAST_MODULES) and select(path)
             for name, weight in module._parameters.items()
             if weight is not None and weight.is_floating_point()
         ]
@@ -116,35 +160,42 @@ class DensityPredictor:
 
     def __init__(self, model: ClipCount, stride: int = 128, max_batch: int = 64,
                  device: str | torch.device | None = None, precision: str = "auto", text_cache_size: int = 1024,
-                 windowing: str | None = None):
+                 windowing: str | None = None, bf16_modules: str | None = None):
         self.windowing = windowing or model.config.windowing
         if self.windowing not in WINDOWINGS:
             raise ValueError(f"unknown windowing {self.windowing!r}; use one of {', '.join(WINDOWINGS)}")
         self.device = pick_device(device)
         self.autocast_dtype = pick_dtype(self.device, precision)
-        self.encoder_dtype = pick_encoder_dtype(self.device, precision)
+        # without autocast: these modules' matmuls in bf16 (pick_bf16_modules; `bf16_modules` overrides
+        # it for `auto` on a CPU with native bf16, e.g. to measure another choice)
+        self.bf16_modules = pick_bf16_modules(self.device, precision)
+        if self.bf16_modules is not None and bf16_modules is not None:
+            self.bf16_modules = bf16_modules
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            channels_last_convolutions(self.model)
         self.stride = stride
         self.max_batch = min(max_batch, CPU_MAX_BATCH) if self.device.type == "cpu" else max_batch
         self.window = model.config.window_size
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
         # bf16 on a CPU: weights cast once here, not on every call (CastWeights)
-        keep = KEEP_WEIGHTS + (ENCODER_WEIGHTS if self.encoder_dtype is None else ())
-        self._weights = (CastWeights(self.model, self.autocast_dtype, keep)
-                         if self.autocast_dtype is not None and self.device.type == "cpu" else None)
+        self._weights = None
+        if self.device.type == "cpu" and self.autocast_dtype is not None:
+            self._weights = CastWeights(self.model, self.autocast_dtype)
+        elif self.bf16_modules:
+            check_bf16_modules(self.model, self.bf16_modules)
+            self._weights = CastWeights(self.model, torch.bfloat16, within(self.bf16_modules))
 
     @property
     def density_scale(self) -> float:
         return self.model.config.density_scale
 
-    def _autocast(self, towers: bool = False):
-        """Autocast for the CLIP towers (`towers`: image and text encoders) or the density part."""
-        dtype = self.encoder_dtype if towers else self.autocast_dtype
-        if dtype is None:
-            return contextlib.nullcontext()
+    def _precision(self):
+        """Autocast (`bf16`, and `auto` on a GPU) and the bf16 weight copies (`bf16` and `auto` on a CPU)."""
         stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
         if self._weights is not None:
             stack.enter_context(self._weights.swapped())
         return stack
@@ -155,7 +206,7 @@ class DensityPredictor:
         check_prompts(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if missing:
-            with self._autocast(towers=True):
+            with self._precision():
                 encoded = self.model.encode_text(missing)
             for prompt, embedding in zip(missing, encoded):
                 self._text_cache[prompt] = embedding
@@ -169,7 +220,7 @@ class DensityPredictor:
     def encode_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """(K, 3, S, S) in [0, 1] -> patch tokens (K, N, C), in chunks of `max_batch`."""
         chunks = []
-        with self._autocast(towers=True):
+        with self._precision():
             for first in range(0, windows.shape[0], self.max_batch):
                 chunk = windows[first : first + self.max_batch].to(self.device, non_blocking=True)
                 chunks.append(self.model.encode_image(chunk))
@@ -184,7 +235,7 @@ class DensityPredictor:
         windows, prompts = features.shape[0], text.shape[0]
         pairs = [(p, k) for p in range(prompts) for k in range(windows)]
         outputs = []
-        with self._autocast():
+        with self._precision():
             shared = torch.cat([self.model.shared_features(features[first : first + self.max_batch])
                                 for first in range(0, windows, self.max_batch)])  # (K, N, C)
             for first in range(0, len(pairs), self.max_batch):

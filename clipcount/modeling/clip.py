@@ -8,6 +8,7 @@ one-to-one; `weights.py` renames the Hugging Face layout into this one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,17 @@ class QuickGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(QUICK_GELU_SCALE * x)
+
+
+def in_weight_dtype(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fn(x) computed in `weight`'s dtype and answered in x's, outside autocast.
+
+    With bf16 weight copies swapped in (engine.inference.CastWeights) a layer's matmuls run in bf16
+    while what surrounds it (attention softmax, layer norms, the residual stream) stays float32;
+    with float32 weights, or under autocast (which casts by its own rules), it is plain fn(x)."""
+    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return fn(x)
+    return fn(x.to(weight.dtype)).to(x.dtype)
 
 
 def on_meta_device() -> bool:
@@ -64,10 +76,10 @@ class MultiheadSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         # x: (B, L, C)
         batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = in_weight_dtype(lambda t: F.linear(t, self.in_proj_weight, self.in_proj_bias), x, self.in_proj_weight)
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+        return in_weight_dtype(self.out_proj, out.transpose(1, 2).reshape(batch, length, width), self.out_proj.weight)
 
 
 class MLP(nn.Module):
@@ -78,6 +90,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_weight_dtype(self._forward, x, self.c_fc.weight)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.gelu, QuickGELU):
             return self._quick_gelu_forward(x)
         return self.c_proj(self.gelu(self.c_fc(x)))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipcount.config import InteractionConfig
+from clipcount.modeling.clip import in_weight_dtype
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -33,10 +34,10 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, N, C)
-        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        # x: (B, N, C); the projections run in their weights' dtype (in_weight_dtype), the softmax in x's
+        q, k, v = (_split_heads(t, self.heads) for t in in_weight_dtype(self.qkv, x, self.qkv.weight).chunk(3, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(_merge_heads(out))
+        return in_weight_dtype(self.proj, _merge_heads(out), self.proj.weight)
 
 
 class CrossAttention(nn.Module):
@@ -71,7 +72,7 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return in_weight_dtype(lambda t: self.fc2(self.act(self.fc1(t))), x, self.fc1.weight)
 
 
 class InteractionBlock(nn.Module):
