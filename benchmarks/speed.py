@@ -416,7 +416,7 @@ def cpu_section(subject: Subject, settings: Settings, results: Results, tmp: Pat
             wanted = TARGET_ONE_PROMPT_SPEEDUP if count == 1 else TARGET_EIGHT_PROMPT_SPEEDUP
             note = best_note(timing, work, ceiling) + ("" if precision == "fp32" else " (of the bf16 ceiling)")
             if precision == "auto":
-                note += "; auto here: interaction + decoder bf16, CLIP towers fp32"
+                note += "; auto here: bf16 matmuls in the image tower's MLPs and the interaction's self-attention and MLPs"
             results.add(Row(name, f"{size}, {label}, {precision}", "cpu", timing.median, 1 / timing.median,
                             work / 1e9, fraction(work, timing.median, ceiling), speedup,
                             target=f">= {wanted:.1f}x published" if targets else "",

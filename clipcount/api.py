@@ -124,7 +124,9 @@ class Counter:
     """Counts what prompts describe in images, with one model on one device.
 
     Device and precision are chosen automatically (a CUDA GPU with bfloat16 if there is one, else
-    the CPU in float32) and can be forced with `device="cpu"`, `precision="fp32"` and so on.
+    the CPU in float32, where a CPU with native bf16 runs the heaviest matmuls in bf16: counts within
+    0.5% of float32, see benchmarks/precision.py) and can be forced with `device="cpu"`,
+    `precision="fp32"` and so on.
     """
 
     def __init__(
@@ -179,7 +181,9 @@ class Counter:
 
     @property
     def precision(self) -> str:
-        return "fp32" if self.predictor.autocast_dtype is None else "bf16"
+        """bf16 where any of the model runs in bf16 (autocast, or `auto`'s bf16 matmuls on a CPU), else fp32."""
+        low = self.predictor.autocast_dtype is not None or self.predictor.bf16_modules
+        return "bf16" if low else "fp32"
 
     @property
     def density_scale(self) -> float:

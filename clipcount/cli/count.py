@@ -76,7 +76,8 @@ def register(subparsers) -> None:
                         "evaluation's; default: the model's (published for the published model)")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                        help="auto: bf16 on a GPU, fp32 on the CPU")
+                        help="auto: bf16 on a GPU; float32 on a CPU, with the heaviest matmuls in bf16 where "
+                             "the CPU has native bf16 (counts within 0.5%% of float32)")
     add_image_options(parser)
     parser.set_defaults(func=run)
 
