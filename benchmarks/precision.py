@@ -10,7 +10,7 @@ Two models, each counted by `DensityPredictor` at fp32 and at lower precision on
   wide images (their prompts).
 
 A row per set and precision: `auto` (on a CPU with native bf16, the matmuls of
-inference.AUTO_BF16_MODULES in bf16, everything else float32), `bf16` (everything but the density
+inference.auto_bf16_modules in bf16, everything else float32), `bf16` (everything but the density
 head under bf16 autocast) and, unless --no-variants, the choices `auto` was picked against (VARIANTS:
 other sets of bf16 modules). Each row: how many counts, the largest and the median relative
 difference, the mean signed one (a bias shows there), and whether the largest stays within TARGET.
@@ -37,18 +37,19 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import print_table, write_json  # noqa: E402
-from clipcount.engine.inference import AUTO_BF16_MODULES, DensityPredictor, cpu_has_native_bf16  # noqa: E402
+from clipcount.engine.inference import (  # noqa: E402
+    AUTO_ATTENTION_SKIP, AUTO_BF16_MODULES, DensityPredictor, auto_bf16_modules, cpu_has_native_bf16)
 
 TARGET = 0.005  # |low - fp32| / max(fp32, 1 object), every count
 COUNT_FLOOR = 1.0  # objects: below it the difference is taken relative to one object
 COMPAT = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "compat"
 LOW_PRECISIONS = ("auto", "bf16")
-TOWER, INTERACTION = r"clip\.visual\.transformer\.resblocks\.\d+\.", r"interaction\.fim_blocks\.\d+\."
+TOWER = r"clip\.visual\.transformer\.resblocks\.\d+\."
 # other choices of bf16 modules for `auto` (a CPU with native bf16), name -> DensityPredictor(bf16_modules=)
 VARIANTS = {
-    "auto + image tower attention": rf"{AUTO_BF16_MODULES}|{TOWER}attn",
+    "auto, attention projections of every layer": rf"{AUTO_BF16_MODULES}|{TOWER}attn",
+    "auto, no attention projections": AUTO_BF16_MODULES,
     "image tower MLPs only": rf"{TOWER}mlp",
-    "image tower attention + MLPs": rf"{TOWER}(attn|mlp)",
 }
 COLUMNS = ("model", "set", "precision", "counts", "fp32 mean", "max rel", "median rel", "mean signed", "target", "ok")
 
@@ -139,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.extend(compare(published, "published (compat)", set_name, cases, args.device, not args.no_variants))
     table = print_table(rows, COLUMNS, title="low-precision counts against float32 counts")
     write_json(args.out, {"benchmark": "precision", "device": args.device, "native_bf16": cpu_has_native_bf16(),
-                          "target": TARGET, "count_floor": COUNT_FLOOR, "auto_bf16_modules": AUTO_BF16_MODULES,
+                          "target": TARGET, "count_floor": COUNT_FLOOR, "auto_bf16_modules": {"demo": auto_bf16_modules(len(demo.clip.visual.resblocks)), "vit-b/16": auto_bf16_modules(12)},
+                          "auto_attention_skip": AUTO_ATTENTION_SKIP,
                           "rows": rows, "table": table,
                           "ok": all(row["max_rel"] <= TARGET for row in rows if row["precision"] == "auto")})
     return 0

@@ -10,6 +10,7 @@ device (checkpoint loading) without importing torch's compiler.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def test_building_on_the_meta_device_imports_no_compiler():
 
 def test_auto_precision_rule(monkeypatch, tmp_path):
     """auto: on a CPU with native bf16 (flags in /proc/cpuinfo) no autocast but the matmuls of
-    AUTO_BF16_MODULES in bf16; float32 throughout on other CPUs; bf16 autocast on a GPU."""
+    auto_bf16_modules in bf16; float32 throughout on other CPUs; bf16 autocast on a GPU."""
     from clipcount.engine import inference
 
     info = tmp_path / "cpuinfo"
@@ -216,7 +217,7 @@ def test_auto_precision_rule(monkeypatch, tmp_path):
     for native in (True, False):
         monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda native=native: native)
         assert inference.pick_dtype(cpu, "auto") is None
-        assert inference.pick_bf16_modules(cpu, "auto") == (inference.AUTO_BF16_MODULES if native else None)
+        assert inference.pick_bf16_modules(cpu, "auto", 12) == (inference.auto_bf16_modules(12) if native else None)
         assert inference.pick_bf16_modules(cpu, "fp32") is inference.pick_bf16_modules(cpu, "bf16") is None
         assert inference.pick_dtype(cpu, "fp32") is None and inference.pick_dtype(cpu, "bf16") == torch.bfloat16
     assert inference.pick_dtype(cuda, "auto") == torch.bfloat16 and inference.pick_bf16_modules(cuda, "auto") is None
@@ -237,6 +238,22 @@ def test_bf16_weight_copies_give_autocast_counts(model):
     for ours, reference in zip(cached.predict(img, PROMPTS[:2]), plain.predict(img, PROMPTS[:2])):
         assert abs(float(ours.sum()) - float(reference.sum())) <= 0.005 * abs(float(reference.sum()))
     assert all(p is originals[name] and p.dtype == torch.float32 for name, p in model.named_parameters())
+
+
+def test_auto_attention_projections_skip_the_first_and_last_layers():
+    import re
+
+    from clipcount.engine.inference import AUTO_ATTENTION_SKIP, auto_bf16_modules
+
+    def attention_layers(layers: int) -> list[int]:
+        pattern = auto_bf16_modules(layers)
+        return [i for i in range(layers) if re.fullmatch(pattern, f"clip.visual.transformer.resblocks.{i}.attn")]
+
+    assert AUTO_ATTENTION_SKIP == 2
+    assert attention_layers(12) == list(range(2, 10)) and attention_layers(4) == []
+    for layers in (4, 12):  # every MLP, whatever the depth
+        assert re.fullmatch(auto_bf16_modules(layers), f"clip.visual.transformer.resblocks.{layers - 1}.mlp")
+    assert not re.fullmatch(auto_bf16_modules(12), "clip.transformer.resblocks.5.attn")  # the text tower
 
 
 def auto_predictor(model, monkeypatch, **kwargs) -> DensityPredictor:
@@ -264,22 +281,29 @@ def test_auto_on_a_bf16_cpu_gives_the_plain_float32_counts(compat, monkeypatch):
     assert all(p is originals[name] and p.dtype == torch.float32 for name, p in model.named_parameters())
 
 
-def test_auto_casts_only_its_modules(model, monkeypatch):
+def test_auto_casts_only_its_modules(monkeypatch):
     """Which weights auto swaps for bf16 copies: the image tower's MLPs, the interaction's
     self-attention and MLPs; not the text tower, the image tower's attention, the cross-attention
     to the prompt or the decoder. An empty pattern casts nothing: float32 counts exactly."""
-    from clipcount.modeling.clip import MLP
+    from clipcount.engine.inference import AUTO_ATTENTION_SKIP
+    from clipcount.modeling.clip import MLP, MultiheadSelfAttention
     from clipcount.modeling.interaction import FeedForward, SelfAttention
 
+    model = make_model()
+    blocks = model.clip.visual.transformer.resblocks
+    blocks.extend(copy.deepcopy(blocks[-1]) for _ in range(2))  # 5 blocks: one in the middle
+    layers = len(model.clip.visual.resblocks)
     predictor = auto_predictor(model, monkeypatch)
     swapped = {id(m) for m, _, _, _ in predictor._weights.slots}
-    wanted = set()
+    wanted, middle = set(), range(AUTO_ATTENTION_SKIP, layers - AUTO_ATTENTION_SKIP)
+    for index, block in enumerate(model.clip.visual.resblocks):
+        wanted |= {id(block.mlp.c_fc), id(block.mlp.c_proj)}
+        wanted |= {id(block.attn), id(block.attn.out_proj)} if index in middle else set()
     for path, module in model.named_modules():
-        inside = (path.startswith("clip.visual.") and isinstance(module, MLP)) or (
-            path.startswith("interaction.") and isinstance(module, (SelfAttention, FeedForward)))
-        if inside:
+        if path.startswith("interaction.") and isinstance(module, (SelfAttention, FeedForward)):
             wanted |= {id(m) for m in module.modules() if isinstance(m, torch.nn.Linear)}
-    assert wanted and swapped == wanted
+    assert layers == 5 and len(middle) == 1 and swapped == wanted
+    assert len({id(m) for m, _, _, _ in predictor._weights.slots if isinstance(m, MultiheadSelfAttention)}) == 1
     img = image(64, 100, seed=2)
     nothing = auto_predictor(model, monkeypatch, bf16_modules="")
     assert nothing._weights is None

@@ -56,25 +56,35 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | N
     raise ValueError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
 
 
-# `auto` on a CPU with native bf16: the matmuls of these modules (paths, a regular expression) run
+# `auto` on a CPU with native bf16: the matmuls of some modules (paths, a regular expression) run
 # in bf16 from bf16 weight copies; their inputs, their outputs and everything around them (layer
 # norms, attention softmax, the residual streams) stay float32 (clip.in_weight_dtype). They hold
-# most of the FLOPs: the image tower's MLPs (two thirds of its matmuls) and the interaction's
-# self-attention projections and MLPs (most of each extra prompt's). Kept float32, measured by
-# benchmarks/precision.py (README "Performance"): the image tower's attention projections (with
-# them in bf16 too the demo model's counts moved by up to 0.45%, not 0.31%), the decoder (rounding
-# its convolutions' weights alone moved them 1.6%), the cross-attention to the prompt (its value
-# is added to every token alike, so its rounding does not average out) and the projection into the
-# interaction. Autocast instead (bf16 outputs, bf16 residual streams) moved them 1.45%.
-AUTO_BF16_MODULES = r"clip\.visual\.transformer\.resblocks\.\d+\.mlp|interaction\.fim_blocks\.\d+\.(selfattn|mlp)"
+# most of the FLOPs: the image tower's MLPs (two thirds of its matmuls), its attention projections
+# (the other third) but in the first and last AUTO_ATTENTION_SKIP layers, and the interaction's
+# self-attention projections and MLPs (most of each extra prompt's). benchmarks/precision.py
+# measured the choice (README "Performance"): the attention projections of every layer in bf16
+# moved the demo model's counts by up to 0.45% (0.31% without them, 0.33% skipping one layer at
+# each end); kept float32 are also the decoder (rounding its convolutions' weights alone moved
+# counts 1.6%), the cross-attention to the prompt (its value is added to every token alike, so its
+# rounding does not average out) and the projection into the interaction. Autocast over the
+# interaction and decoder instead (bf16 outputs, bf16 residual streams) moved counts 1.45%.
+TOWER_BLOCKS = r"clip\.visual\.transformer\.resblocks\."
+AUTO_BF16_MODULES = rf"{TOWER_BLOCKS}\d+\.mlp|interaction\.fim_blocks\.\d+\.(selfattn|mlp)"
+AUTO_ATTENTION_SKIP = 2
 
 
-def pick_bf16_modules(device: torch.device, precision: str = "auto") -> str | None:
+def auto_bf16_modules(layers: int) -> str:
+    """`auto`'s bf16 modules (a regular expression of paths) for an image tower of `layers` blocks."""
+    middle = "|".join(str(i) for i in range(AUTO_ATTENTION_SKIP, layers - AUTO_ATTENTION_SKIP))
+    return AUTO_BF16_MODULES + (rf"|{TOWER_BLOCKS}({middle})\.attn" if middle else "")
+
+
+def pick_bf16_modules(device: torch.device, precision: str = "auto", layers: int = 12) -> str | None:
     """The modules (a regular expression of paths) whose matmuls run in bf16 without autocast:
-    AUTO_BF16_MODULES for `auto` on a CPU with native bf16 (cpu_has_native_bf16), else none."""
+    auto_bf16_modules(layers) for `auto` on a CPU with native bf16 (cpu_has_native_bf16), else none."""
     pick_dtype(device, precision)  # rejects unknown precisions
     native = precision == "auto" and device.type == "cpu" and cpu_has_native_bf16()
-    return AUTO_BF16_MODULES if native else None
+    return auto_bf16_modules(layers) if native else None
 
 
 # On a CPU a few windows already keep the matmul units busy (3 windows of ViT-B/16 are 651 token
@@ -168,7 +178,7 @@ class DensityPredictor:
         self.autocast_dtype = pick_dtype(self.device, precision)
         # without autocast: these modules' matmuls in bf16 (pick_bf16_modules; `bf16_modules` overrides
         # it for `auto` on a CPU with native bf16, e.g. to measure another choice)
-        self.bf16_modules = pick_bf16_modules(self.device, precision)
+        self.bf16_modules = pick_bf16_modules(self.device, precision, len(model.clip.visual.resblocks))
         if self.bf16_modules is not None and bf16_modules is not None:
             self.bf16_modules = bf16_modules
         self.model = model.to(self.device).eval()
