@@ -56,18 +56,19 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | N
     raise ValueError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
 
 
-# `auto` on a CPU with native bf16: the matmuls of some modules (paths, a regular expression) run
-# in bf16 from bf16 weight copies; their inputs, their outputs and everything around them (layer
-# norms, attention softmax, the residual streams) stay float32 (clip.in_weight_dtype). They hold
-# most of the FLOPs: the image tower's MLPs (two thirds of its matmuls), its attention projections
-# (the other third) but in the first and last AUTO_ATTENTION_SKIP layers, and the interaction's
-# self-attention projections and MLPs (most of each extra prompt's). benchmarks/precision.py
+# `auto` on a CPU with native bf16: some modules (paths, a regular expression) compute in bf16 from
+# bf16 weight copies, everything else in float32, and what they hand on is float32 again (layer
+# norms, the residual streams; clip.in_weight_dtype). They hold most of the FLOPs: the image
+# tower's MLPs (two thirds of its matmuls) and its attention projections (the other third; the
+# softmax stays float32) but in the first and last AUTO_ATTENTION_SKIP layers, and the
+# interaction's self-attention and MLPs (most of each extra prompt's work). benchmarks/precision.py
 # measured the choice (README "Performance"): the attention projections of every layer in bf16
 # moved the demo model's counts by up to 0.45% (0.31% without them, 0.33% skipping one layer at
 # each end); kept float32 are also the decoder (rounding its convolutions' weights alone moved
-# counts 1.6%), the cross-attention to the prompt (its value is added to every token alike, so its
-# rounding does not average out) and the projection into the interaction. Autocast over the
-# interaction and decoder instead (bf16 outputs, bf16 residual streams) moved counts 1.45%.
+# counts 1.6%), the interaction's refining convolution (0.38% with it), the cross-attention to the
+# prompt (its value is added to every token alike, so its rounding does not average out) and the
+# projection into the interaction. Autocast over the interaction and decoder instead (bf16
+# outputs, bf16 residual streams) moved counts 1.45%.
 TOWER_BLOCKS = r"clip\.visual\.transformer\.resblocks\."
 AUTO_BF16_MODULES = rf"{TOWER_BLOCKS}\d+\.mlp|interaction\.fim_blocks\.\d+\.(selfattn|mlp)"
 AUTO_ATTENTION_SKIP = 2

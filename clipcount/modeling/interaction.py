@@ -34,10 +34,13 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, N, C); the projections run in their weights' dtype (in_weight_dtype), the softmax in x's
-        q, k, v = (_split_heads(t, self.heads) for t in in_weight_dtype(self.qkv, x, self.qkv.weight).chunk(3, dim=-1))
+        """(B, N, C) -> (B, N, C), computed in the weights' dtype (in_weight_dtype), answered in x's."""
+        return in_weight_dtype(self._forward, x, self.qkv.weight)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return in_weight_dtype(self.proj, _merge_heads(out), self.proj.weight)
+        return self.proj(_merge_heads(out))
 
 
 class CrossAttention(nn.Module):
