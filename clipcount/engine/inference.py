@@ -167,6 +167,10 @@ class DensityPredictor:
     `max_batch`: windows (and window-prompt pairs) per forward pass; at most CPU_MAX_BATCH on a CPU.
     `windowing`: "clipcount" or "published" (engine.windows); default: the model's config says
     (converted published checkpoints say "published", to reproduce the published evaluation).
+    `precision`: "fp32", "bf16" (autocast) or "auto" (pick_dtype, pick_bf16_modules); on a CPU with
+    native bf16 `bf16_modules` replaces auto's modules (a regular expression of module paths, each
+    one that computes in its weights' dtype: CLIP's attention or MLP, the interaction's
+    self-attention or MLP; "" for none), to measure other choices (benchmarks/precision.py).
     """
 
     def __init__(self, model: ClipCount, stride: int = 128, max_batch: int = 64,
