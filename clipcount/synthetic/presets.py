@@ -92,6 +92,18 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _cpu_sized(vision: VisionConfig) -> tuple[CLIPConfig, ClipCountConfig]:
+    """The CPU presets' CLIP and CLIP-Count around an image tower: they differ only in the tower."""
+    clip = CLIPConfig(vision, TextConfig(context_length=32, width=64, layers=2, heads=2), embed_dim=64)
+    model = ClipCountConfig(
+        clip=clip,
+        prompts=PromptConfig(visual_tokens=4, visual_layers=3, text_context_tokens=2),
+        interaction=InteractionConfig(scales=2, width=64, heads=2),
+        decoder=DecoderConfig(channels=(32, 16, 16, 8), groups=4),
+    )
+    return clip, model
+
+
 def cpu_preset() -> Preset:
     """The bundled model's recipe: 2 CPU cores, at most 60 minutes of wall time in all.
 
@@ -101,17 +113,7 @@ def cpu_preset() -> Preset:
     The model sees each 384-pixel window at 256 pixels (a 16x16 patch grid, interaction at 16x16
     and 32x32). Time budgets become step counts from the rate measured on the machine at hand.
     """
-    clip = CLIPConfig(
-        VisionConfig(image_size=256, patch_size=16, width=128, layers=4, heads=4),
-        TextConfig(context_length=32, width=64, layers=2, heads=2),
-        embed_dim=64,
-    )
-    model = ClipCountConfig(
-        clip=clip,
-        prompts=PromptConfig(visual_tokens=4, visual_layers=3, text_context_tokens=2),
-        interaction=InteractionConfig(scales=2, width=64, heads=2),
-        decoder=DecoderConfig(channels=(32, 16, 16, 8), groups=4),
-    )
+    clip, model = _cpu_sized(VisionConfig(image_size=256, patch_size=16, width=128, layers=4, heads=4))
     # sigma 4 px: the decoder's finest map is a third of the window here (128 px for 384), where a
     # 2 px Gaussian is under one pixel wide; counts (the sums) do not depend on it.
     train = TrainConfig(contrastive_epochs=1, density_epochs=5, batch_size=8, lr=1e-3, lr_decay_every=4,
@@ -136,17 +138,7 @@ def small_preset() -> Preset:
     for the four ablation-stage models one after another), so a slower or busier machine trains
     fewer steps rather than taking longer.
     """
-    clip = CLIPConfig(
-        VisionConfig(image_size=192, patch_size=16, width=96, layers=4, heads=3),
-        TextConfig(context_length=32, width=64, layers=2, heads=2),
-        embed_dim=64,
-    )
-    model = ClipCountConfig(
-        clip=clip,
-        prompts=PromptConfig(visual_tokens=4, visual_layers=3, text_context_tokens=2),
-        interaction=InteractionConfig(scales=2, width=64, heads=2),
-        decoder=DecoderConfig(channels=(32, 16, 16, 8), groups=4),
-    )
+    clip, model = _cpu_sized(VisionConfig(image_size=192, patch_size=16, width=96, layers=4, heads=3))
     train = TrainConfig(contrastive_epochs=1, density_epochs=3, batch_size=8, lr=5e-4, lr_decay_every=3,
                         density_sigma=DENSITY_SIGMA, num_workers=1, checkpoint_every=100, log_every=10,
                         mosaic_prob=0.0, augment_prob=0.0)
