@@ -44,7 +44,7 @@ def test_every_row_and_column_for_the_model_and_ablations(checkpoints, tmp_path)
         results = saved["results"][label]
         for row in ROWS:
             assert results[row]["n"] == 2
-            for key in ("model", "mean", "agnostic"):
+            for key in ("model", "mean", "agnostic", "shape_blind", "colour_blind"):
                 assert {"mae", "rmse", "nae", "bias", "pred_mean"} <= set(results[row][key])
     assert len(saved["table"]) == 2 * len(ROWS)
     assert all(set(COLUMNS) == set(line) for line in saved["table"])
@@ -77,6 +77,34 @@ def test_rows_ask_the_documented_questions():
     again = benchmark.make_test_scene(5, "seen", 0, WORLD)
     assert np.array_equal(seen.image, again.image)
     assert not np.array_equal(seen.image, benchmark.make_test_scene(6, "seen", 0, WORLD).image)
+
+
+def test_blind_counters_read_one_word_of_the_prompt():
+    for i in range(8):
+        scene = benchmark.make_test_scene(5, "seen", i, WORLD)
+        colour, shape = parse_prompt(scene.prompts["seen"])
+        absent_colour, absent_shape = parse_prompt(scene.prompts["absent"])
+        assert scene.shape_blind["seen"] >= scene.truths["seen"] and scene.colour_blind["seen"] >= scene.truths["seen"]
+        assert scene.shape_blind["shape_only"] == scene.total  # no colour named: every object
+        assert scene.colour_blind["shape_only"] == scene.truths["shape_only"]
+        assert scene.colour_blind["seen"] == scene.truths["shape_only"]  # every object of the shape
+        assert scene.shape_blind["singular"] == scene.shape_blind["template"] == scene.shape_blind["seen"]
+        assert (absent_colour, absent_shape) != (colour, shape)
+    minority = benchmark.make_test_scene(5, "minority", 0, WORLD)
+    assert minority.shape_blind["minority"] >= minority.truths["minority"]
+    blank = benchmark.make_test_scene(5, "blank", 0, WORLD)
+    assert blank.shape_blind == blank.colour_blind == {"blank": 0}
+
+
+def test_blind_baselines_are_scored():
+    image = np.zeros((4, 4, 3), np.uint8)
+    scenes = [BenchScene("seen", 0, image, {"seen": "red stars"}, {"seen": 4}, 12, {"seen": 10}, {"seen": 6}),
+              BenchScene("seen", 1, image, {"seen": "red stars"}, {"seen": 2}, 5)]  # no blind answers: the truth
+    preds = {row: [] for row in ROWS}
+    preds["seen"] = [4.0, 2.0]
+    result = score(scenes, preds, train_mean=6.0)["seen"]
+    assert result["shape_blind"]["mae"] == pytest.approx(3.0)  # |10 - 4|, |2 - 2|
+    assert result["colour_blind"]["mae"] == pytest.approx(1.0)  # |6 - 4|, |2 - 2|
 
 
 def test_baselines_are_the_training_mean_and_the_total():
