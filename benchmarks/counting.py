@@ -4,8 +4,9 @@
     python benchmarks/counting.py --model CKPT [--ablations DIR ...] [--seed S] [--n N] [--out results.json]
 
 Rows (seen, shape-only, singular, template, held-out, minority, absent class, blank image) and
-baselines (training mean, class-agnostic count, shape-blind and colour-blind perfect counters) are described in that module. Prints one table and
-the bundled model's targets; writes JSON with every image's prompt, true and predicted count.
+baselines (training mean, class-agnostic count, shape-blind and colour-blind perfect counters) are
+described in that module. Prints one table and the bundled model's targets; writes JSON with every
+image's prompt, true and predicted count.
 """
 
 from __future__ import annotations
