@@ -31,6 +31,19 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     embed_dim: int = 512  # output of `proj`, the joint image-text space
     layer_norm_eps: float = 1e-5
+    # How pixels become tokens. "patch": CLIP's linear patchify (every released CLIP). "conv": a
+    # small convolutional stem of the same stride (`modeling.clip.ConvStem`; Xiao et al. 2021,
+    # "Early convolutions help transformers see better"), used by the synthetic CPU recipe: its
+    # translation-equivariant filters learn the shape of 7-27 px objects in minutes, where the
+    # linear patchify learned nothing of shape in 20 CPU minutes.
+    stem: Literal["patch", "conv"] = "patch"
+
+    def __post_init__(self) -> None:
+        if self.stem not in ("patch", "conv"):
+            raise ConfigError(f"unknown vision stem {self.stem!r}; choose 'patch' or 'conv'")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(f"a conv stem halves the image per stage: the patch size must be a power of 2, "
+                              f"got {self.patch_size}")
 
     @property
     def grid_size(self) -> int:

@@ -136,6 +136,42 @@ class Transformer(nn.Module):
         return x
 
 
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) map. Unlike GroupNorm it pools
+    nothing across space, so a pixel keeps its absolute colour, and unlike BatchNorm it holds no
+    running statistics that a frozen tower in train mode would update."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvStem(nn.Module):
+    """Images (B, 3, S, S) -> patch tokens (B, width, S / patch, S / patch), like CLIP's `conv1`.
+
+    log2(patch) stages, each a stride-2 3x3 convolution and a 3x3 convolution (channel LayerNorm and
+    GELU after each), channels doubling up to `width` in the last stage; then a 1x1 convolution to
+    `width`. Receptive field of a token: 31 px at patch 16, so it sees an object across patch borders.
+    """
+
+    def __init__(self, width: int, patch_size: int, eps: float = 1e-5):
+        super().__init__()
+        stages = patch_size.bit_length() - 1  # patch_size is a power of 2 (VisionConfig checks)
+        layers: list[nn.Module] = []
+        channels_in = 3
+        for stage in range(stages):
+            channels = max(8, width >> (stages - 1 - stage))
+            layers += [nn.Conv2d(channels_in, channels, 3, stride=2, padding=1), ChannelLayerNorm(channels, eps=eps),
+                       nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1), ChannelLayerNorm(channels, eps=eps),
+                       nn.GELU()]
+            channels_in = channels
+        layers.append(nn.Conv2d(channels_in, width, 1))
+        self.layers = nn.Sequential(*layers)
+        self.width = width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
 class VisionTransformer(nn.Module):
     """CLIP's ViT. `embed` and `resblocks` are public so visual prompts can run it layer by layer."""
 
@@ -144,7 +180,9 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         width, grid = cfg.width, cfg.grid_size
         scale = width**-0.5
-        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        # `conv1` keeps OpenAI's name for either stem, so every caller reaches the tokens one way
+        self.conv1: nn.Module = (ConvStem(width, cfg.patch_size, cfg.layer_norm_eps) if cfg.stem == "conv" else
+                                 nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False))
         self.class_embedding = random_parameter(width, scale=scale)
         self.positional_embedding = random_parameter(grid * grid + 1, width, scale=scale)
         self.ln_pre = nn.LayerNorm(width, eps=cfg.layer_norm_eps)

@@ -81,6 +81,11 @@ class PretrainConfig:
     # Weight of the region-level loss (`regions.py`: every patch classified against class, shape
     # and colour texts by what covers it) beside the caption loss; 0 = captions only.
     region_weight: float = 0.0
+    # Stage 0 (`stem.py`, needs VisionConfig(stem="conv")): the stem learns shape and colour from
+    # object crops for at most `stem_steps` steps / `stem_time_budget_s` seconds (on top of
+    # `time_budget_s`), then stays frozen. 0 = no stage 0 (the stem trains with the rest).
+    stem_steps: int = 0
+    stem_time_budget_s: float | None = None
 
     def world_config(self) -> WorldConfig:
         return WorldConfig(**{**self.world, "mode": "train"})
@@ -262,6 +267,12 @@ def pretrain_clip(
     clip = CLIP(clip_cfg).to(device).train()
     optimizer = torch.optim.AdamW(_param_groups(clip, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     step, chosen = _resume(out_dir, clip, optimizer, device, progress) if resume else (0, None)
+    if cfg.stem_steps > 0:
+        if _find_last(out_dir) is None or not resume:  # stage 0 runs once; a resumed run has its stem
+            _stage_zero(clip, cfg, out_dir, optimizer, device, progress)
+        from clipcount.synthetic.stem import freeze_stem
+
+        freeze_stem(clip)
     budget = _Budget(cfg, step) if cfg.time_budget_s and chosen is None else None
     if chosen is not None:  # a resumed timed run keeps the length it chose
         cfg = dataclasses.replace(cfg, steps=chosen, time_budget_s=None)
@@ -307,6 +318,19 @@ def pretrain_clip(
     result.final = _save_checkpoint(out_dir, FINAL, clip, None, step, cfg)
     result.step, result.finished, result.seconds = step, True, time.time() - started
     return result
+
+
+def _stage_zero(clip: CLIP, cfg: PretrainConfig, out_dir: Path, optimizer, device: torch.device,
+                progress: bool) -> None:
+    """Stage 0 (object crops, `stem.py`), then a step-0 checkpoint so an interruption later never
+    repeats it; what it reached goes to out_dir/stem.json."""
+    from clipcount.synthetic.stem import StemPretrainConfig, pretrain_stem
+
+    stem_cfg = StemPretrainConfig(steps=cfg.stem_steps, time_budget_s=cfg.stem_time_budget_s, window=cfg.crop_size)
+    result = pretrain_stem(clip, stem_cfg, cfg.world_config(), seed=cfg.seed, num_workers=cfg.num_workers,
+                           device=device, progress=progress)
+    (out_dir / "stem.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    _save_checkpoint(out_dir, LAST, clip, optimizer, 0, cfg)
 
 
 class _Budget:

@@ -484,7 +484,12 @@ def _stage_pretrain(preset: Preset, out_dir: Path, state: RecipeState, device: t
     say(f"CLIP zero-shot class accuracy (36 classes, chance 0.03): seen {accuracy['seen']:.2f}, "
         f"held-out {accuracy['held_out']:.2f}; per-patch linear probe (chance 0.17): colour "
         f"{before['colour']} -> {probe['colour']:.2f}, shape {before['shape']} -> {probe['shape']:.2f}")
-    state.finish("pretrain", time.time() - t0, steps=result.step, zero_shot_accuracy=accuracy,
+    stem_file = out_dir / "clip" / "stem.json"  # stage 0, when the preset has one
+    stem = json.loads(stem_file.read_text(encoding="utf-8")) if stem_file.is_file() else None
+    if stem is not None:
+        say(f"stage 0 (object crops): {stem['steps']} steps, shape accuracy {stem['shape_accuracy']:.2f}, "
+            f"colour {stem['colour_accuracy']:.2f}")
+    state.finish("pretrain", time.time() - t0, steps=result.step, zero_shot_accuracy=accuracy, stem=stem,
                  patch_probe=json_safe(probe), patch_probe_before=before,
                  final_loss=result.last_loss, final_batch_accuracy=result.last_accuracy)
 
