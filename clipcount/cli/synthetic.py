@@ -37,7 +37,7 @@ def _add_recipe(sub) -> None:
         "recipe runs, does not count well).",
     )
     parser.add_argument("out", metavar="OUT", type=Path, help="run folder (created; reused to resume)")
-    parser.add_argument("--preset", choices=("cpu", "full", "small", "toy"), default="cpu", help="budget (default cpu)")
+    parser.add_argument("--preset", choices=("cpu", "cpu-stem", "full", "small", "toy"), default="cpu", help="budget (default cpu)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--stages", default=",".join(("pretrain", "main", "ablations", "benchmark")),
                         help=f"comma-separated stages to run (default all: {STAGE_HELP})")
@@ -59,7 +59,7 @@ def _add_pretrain(sub) -> None:
         "naming the classes and counts inside each crop. Held-out classes are never shown. Resumable.",
     )
     parser.add_argument("out", metavar="OUT", type=Path, help="output folder (final/ holds the weights)")
-    parser.add_argument("--preset", choices=("cpu", "full", "small", "toy"), default="cpu",
+    parser.add_argument("--preset", choices=("cpu", "cpu-stem", "full", "small", "toy"), default="cpu",
                         help="architecture and budget of this recipe preset (default cpu)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")

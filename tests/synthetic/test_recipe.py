@@ -193,9 +193,9 @@ def test_timed_pretraining_chooses_its_length(tmp_path):
 def test_presets_fit_the_bundle_and_validate():
     from clipcount.synthetic.recipe import ABLATIONS, ablation_variants, get_preset, model_size_mb
 
-    for name in ("full", "cpu"):
+    for name in ("full", "cpu", "cpu-stem"):
         assert model_size_mb(get_preset(name).model) < 15.5  # float16 bytes; the bundle limit is 16 MB
-    for name in ("small", "full", "toy", "cpu"):
+    for name in ("small", "full", "toy", "cpu", "cpu-stem"):
         preset = get_preset(name)
         preset.world_config()
         names = [v.name for v in ablation_variants(preset)]
@@ -203,6 +203,9 @@ def test_presets_fit_the_bundle_and_validate():
         assert set(preset.ablations) <= set(ABLATIONS)
     with pytest.raises(ConfigError):
         get_preset("huge")
+    stem, plain = get_preset("cpu-stem"), get_preset("cpu")
+    assert stem.clip.vision.stem == "conv" and plain.clip.vision.stem == "patch" and plain.pretrain.stem_steps == 0
+    assert stem.pretrain.time_budget_s + stem.pretrain.stem_time_budget_s == plain.pretrain.time_budget_s
 
 
 def test_ablations_change_one_thing_each():
