@@ -145,7 +145,8 @@ def _blank_scene(rng: np.random.Generator, world: WorldConfig, index: int) -> Be
     width = int(rng.integers(world.min_width, world.max_width + 1))
     image = np.asarray(render_background(rng, world.height, width), dtype=np.uint8)
     cls = TRAIN_CLASSES[int(rng.integers(len(TRAIN_CLASSES)))]
-    return BenchScene("blank", index, image, {"blank": format_prompt(*cls)}, {"blank": 0}, 0, {"blank": 0}, {"blank": 0})
+    zero = {"blank": 0}
+    return BenchScene("blank", index, image, {"blank": format_prompt(*cls)}, dict(zero), 0, dict(zero), dict(zero))
 
 
 def make_test_set(seed: int = DEFAULT_SEED, n: int = DEFAULT_N, world: WorldConfig | None = None,
