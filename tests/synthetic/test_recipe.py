@@ -151,25 +151,16 @@ def _pretrain_cfg(**changes):
     return dataclasses.replace(base, **changes)
 
 
-def test_pretraining_resumes_exactly_after_an_interruption(tmp_path, monkeypatch):
-    from clipcount.synthetic import pretrain
+def test_pretraining_resumes_exactly_after_an_interruption(tmp_path, interrupt_pretraining):
     from clipcount.synthetic.pretrain import load_clip, pretrain_clip, zero_shot_accuracy
 
     straight = pretrain_clip(TINY_CLIP, _pretrain_cfg(), tmp_path / "straight", device="cpu", progress=False)
     assert straight.finished and (tmp_path / "straight" / "final" / "clip.safetensors").is_file()
 
-    real_step, calls = pretrain._step, []
-
-    def interrupted(*args, **kwargs):  # Ctrl-C during the third step
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(pretrain, "_step", interrupted)
+    restore = interrupt_pretraining(3)  # Ctrl-C during the third step
     with pytest.raises(KeyboardInterrupt):
         pretrain_clip(TINY_CLIP, _pretrain_cfg(), tmp_path / "resumed", device="cpu", progress=False)
-    monkeypatch.setattr(pretrain, "_step", real_step)
+    restore()
     resumed = pretrain_clip(TINY_CLIP, _pretrain_cfg(), tmp_path / "resumed", device="cpu", progress=False)
     assert resumed.step == straight.step == 4
     a, b = load_clip(tmp_path / "straight"), load_clip(tmp_path / "resumed")

@@ -81,11 +81,11 @@ def _pretrain_cfg(**changes):
 
 def test_stage_one_keeps_the_stem_of_stage_zero(tmp_path, monkeypatch):
     from clipcount.synthetic import stem
-    from clipcount.synthetic.pretrain import load_clip, pretrain_clip
+    from clipcount.synthetic.pretrain import STEM_REPORT, load_clip, pretrain_clip
 
     result = pretrain_clip(CONV_CLIP, _pretrain_cfg(), tmp_path / "run", device="cpu", progress=False)
     assert result.finished
-    report = json.loads((tmp_path / "run" / "stem.json").read_text())
+    report = json.loads((tmp_path / "run" / STEM_REPORT).read_text())
     assert report["steps"] == 2
     final = load_clip(tmp_path / "run")
     assert isinstance(final.visual.conv1, ConvStem)
@@ -105,22 +105,14 @@ def test_stage_one_keeps_the_stem_of_stage_zero(tmp_path, monkeypatch):
                if k.startswith("visual.transformer."))
 
 
-def test_an_interrupted_run_does_not_repeat_stage_zero(tmp_path, monkeypatch):
-    from clipcount.synthetic import pretrain, stem
+def test_an_interrupted_run_does_not_repeat_stage_zero(tmp_path, monkeypatch, interrupt_pretraining):
+    from clipcount.synthetic import stem
     from clipcount.synthetic.pretrain import pretrain_clip
 
-    real_step, steps = pretrain._step, []
-
-    def interrupted(*args, **kwargs):  # Ctrl-C during the second step of stage 1
-        steps.append(1)
-        if len(steps) == 2:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(pretrain, "_step", interrupted)
+    restore = interrupt_pretraining(2)  # Ctrl-C during the second step of stage 1
     with pytest.raises(KeyboardInterrupt):
         pretrain_clip(CONV_CLIP, _pretrain_cfg(), tmp_path, device="cpu", progress=False)
-    monkeypatch.setattr(pretrain, "_step", real_step)
+    restore()
     calls = []
     monkeypatch.setattr(stem, "pretrain_stem", lambda *a, **k: calls.append(1))
     assert pretrain_clip(CONV_CLIP, _pretrain_cfg(), tmp_path, device="cpu", progress=False).finished
