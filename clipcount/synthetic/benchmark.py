@@ -255,8 +255,7 @@ def table_rows(label: str, scores: Mapping[str, dict]) -> list[dict[str, Any]]:
                      "pred_mean": model["pred_mean"], "MAE": model["mae"], "RMSE": model["rmse"],
                      "NAE": model["nae"], "bias": model["bias"], "mean_NAE": s["mean"]["nae"],
                      "agnostic_NAE": s["agnostic"]["nae"],
-                     "shape_blind_NAE": s.get("shape_blind", {}).get("nae"),
-                     "colour_blind_NAE": s.get("colour_blind", {}).get("nae")})
+                     "shape_blind_NAE": s["shape_blind"]["nae"], "colour_blind_NAE": s["colour_blind"]["nae"]})
     return rows
 
 

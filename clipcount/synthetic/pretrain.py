@@ -43,6 +43,7 @@ CLIP_WEIGHTS = "clip.safetensors"
 CLIP_CONFIG = "clip_config.json"
 LAST, FINAL = "last", "final"
 METRICS = "metrics.jsonl"
+STEM_REPORT = "stem.json"  # what stage 0 reached (stem.pretrain_stem's result)
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -323,13 +324,13 @@ def pretrain_clip(
 def _stage_zero(clip: CLIP, cfg: PretrainConfig, out_dir: Path, optimizer, device: torch.device,
                 progress: bool) -> None:
     """Stage 0 (object crops, `stem.py`), then a step-0 checkpoint so an interruption later never
-    repeats it; what it reached goes to out_dir/stem.json."""
+    repeats it; what it reached goes to out_dir/STEM_REPORT."""
     from clipcount.synthetic.stem import StemPretrainConfig, pretrain_stem
 
     stem_cfg = StemPretrainConfig(steps=cfg.stem_steps, time_budget_s=cfg.stem_time_budget_s, window=cfg.crop_size)
     result = pretrain_stem(clip, stem_cfg, cfg.world_config(), seed=cfg.seed, num_workers=cfg.num_workers,
                            device=device, progress=progress)
-    (out_dir / "stem.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out_dir / STEM_REPORT).write_text(json.dumps(result, indent=2), encoding="utf-8")
     _save_checkpoint(out_dir, LAST, clip, optimizer, 0, cfg)
 
 
@@ -498,6 +499,7 @@ __all__ = [
     "PretrainConfig",
     "PretrainError",
     "PretrainResult",
+    "STEM_REPORT",
     "contrastive_loss",
     "learning_rate",
     "load_clip",

@@ -460,7 +460,7 @@ def run_recipe(
 def _stage_pretrain(preset: Preset, out_dir: Path, state: RecipeState, device: torch.device, progress: bool,
                     say: Callable[[str], None]) -> None:
     from clipcount.modeling.clip import CLIP
-    from clipcount.synthetic.pretrain import load_clip, pretrain_clip, zero_shot_accuracy
+    from clipcount.synthetic.pretrain import STEM_REPORT, load_clip, pretrain_clip, zero_shot_accuracy
     from clipcount.synthetic.regions import patch_probe
 
     if state.done("pretrain"):
@@ -484,7 +484,7 @@ def _stage_pretrain(preset: Preset, out_dir: Path, state: RecipeState, device: t
     say(f"CLIP zero-shot class accuracy (36 classes, chance 0.03): seen {accuracy['seen']:.2f}, "
         f"held-out {accuracy['held_out']:.2f}; per-patch linear probe (chance 0.17): colour "
         f"{before['colour']} -> {probe['colour']:.2f}, shape {before['shape']} -> {probe['shape']:.2f}")
-    stem_file = out_dir / "clip" / "stem.json"  # stage 0, when the preset has one
+    stem_file = out_dir / "clip" / STEM_REPORT  # stage 0, when the preset has one
     stem = json.loads(stem_file.read_text(encoding="utf-8")) if stem_file.is_file() else None
     if stem is not None:
         say(f"stage 0 (object crops): {stem['steps']} steps, shape accuracy {stem['shape_accuracy']:.2f}, "
