@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 
 STAGE_HELP = "pretrain, main, ablations, benchmark"
+# the keys of `synthetic.presets.PRESETS`, written out so `--help` imports no torch (a test checks they agree)
+PRESET_NAMES = ("cpu", "cpu-stem", "cpu-hybrid", "full", "small", "toy")
 
 
 def register(subparsers) -> None:
@@ -37,7 +39,7 @@ def _add_recipe(sub) -> None:
         "recipe runs, does not count well).",
     )
     parser.add_argument("out", metavar="OUT", type=Path, help="run folder (created; reused to resume)")
-    parser.add_argument("--preset", choices=("cpu", "cpu-stem", "full", "small", "toy"), default="cpu", help="budget (default cpu)")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="cpu", help="budget (default cpu)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--stages", default=",".join(("pretrain", "main", "ablations", "benchmark")),
                         help=f"comma-separated stages to run (default all: {STAGE_HELP})")
@@ -59,7 +61,7 @@ def _add_pretrain(sub) -> None:
         "naming the classes and counts inside each crop. Held-out classes are never shown. Resumable.",
     )
     parser.add_argument("out", metavar="OUT", type=Path, help="output folder (final/ holds the weights)")
-    parser.add_argument("--preset", choices=("cpu", "cpu-stem", "full", "small", "toy"), default="cpu",
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="cpu",
                         help="architecture and budget of this recipe preset (default cpu)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")

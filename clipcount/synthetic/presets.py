@@ -1,10 +1,11 @@
 """Recipe presets: everything one run of the synthetic recipe is made of (see `recipe.py`).
 
-    cpu       the bundled demo model's recipe: 2 CPU cores, at most 60 minutes of wall time
-    cpu-stem  the same with a convolutional stem trained on object crops first (an experiment)
-    full      sized for one GPU with 16 CPU cores
-    small     proves every stage runs on 2 CPU cores in under 20 minutes (it will not count well)
-    toy       seconds, for tests
+    cpu         the bundled demo model's recipe: 2 CPU cores, at most 60 minutes of wall time
+    cpu-stem    the same with a convolutional stem trained on object crops first (an experiment)
+    cpu-hybrid  the same with that stem summed with a linear patchify (an experiment)
+    full        sized for one GPU with 16 CPU cores
+    small       proves every stage runs on 2 CPU cores in under 20 minutes (it will not count well)
+    toy         seconds, for tests
 
 Budgets are optimizer steps, or seconds (`time_budget`, `pretrain.time_budget_s`) turned into
 steps on the machine at hand and recorded in the run's recipe.json.
@@ -106,7 +107,10 @@ def _cpu_sized(vision: VisionConfig) -> tuple[CLIPConfig, ClipCountConfig]:
     return clip, model
 
 
-def cpu_preset(stem: bool = False) -> Preset:
+CPU_PRESET_NAMES = {"patch": "cpu", "conv": "cpu-stem", "hybrid": "cpu-hybrid"}
+
+
+def cpu_preset(stem: str = "patch") -> Preset:
     """The bundled model's recipe: 2 CPU cores, at most 60 minutes of wall time in all.
 
     20 minutes of CLIP pretraining with region-level signal (every patch learns what covers it),
@@ -115,13 +119,14 @@ def cpu_preset(stem: bool = False) -> Preset:
     The model sees each 384-pixel window at 256 pixels (a 16x16 patch grid, interaction at 16x16
     and 32x32). Time budgets become step counts from the rate measured on the machine at hand.
 
-    `stem=True` ("cpu-stem"): the image tower gets a convolutional stem that first learns shape and
+    `stem="conv"` ("cpu-stem"): the image tower gets a convolutional stem that first learns shape and
     colour from object-centred crops for 7 minutes (`stem.py`), then stays frozen for 13 minutes of
     scene pretraining. Its CLIP knows shape (per-patch probe 0.47 against 0.11, zero-shot class
     accuracy 0.73 against 0.17) but the counter trained on it scored worse on the benchmark in the one
-    run made (README), so it is not the bundled model's recipe yet.
+    run made (README), so it is not the bundled model's recipe yet. `stem="hybrid"` ("cpu-hybrid"):
+    the same stage 0 for the conv stem summed with a linear patchify, which keeps each patch's colour.
     """
-    vision = VisionConfig(image_size=256, patch_size=16, width=128, layers=4, heads=4, stem="conv" if stem else "patch")
+    vision = VisionConfig(image_size=256, patch_size=16, width=128, layers=4, heads=4, stem=stem)
     clip, model = _cpu_sized(vision)
     # sigma 4 px: the decoder's finest map is a third of the window here (128 px for 384), where a
     # 2 px Gaussian is under one pixel wide; counts (the sums) do not depend on it.
@@ -130,12 +135,12 @@ def cpu_preset(stem: bool = False) -> Preset:
                         mosaic_prob=0.0, augment_prob=0.0, prompts_per_image=4, negative_share=0.4,
                         hard_negative_share=0.6)
     world = {"max_width": 768, "min_size": 10.0, "max_size": 40.0, "max_per_class": 40}
-    stage_zero = {"time_budget_s": 780.0, "stem_steps": 20000, "stem_time_budget_s": 420.0} if stem else {}
+    stage_zero = {"time_budget_s": 780.0, "stem_steps": 20000, "stem_time_budget_s": 420.0} if stem != "patch" else {}
     pretrain = PretrainConfig(steps=20000, batch_size=32, lr=1e-3, warmup_steps=30, num_workers=1,
                               checkpoint_every=100, log_every=10, time_budget_s=1200.0, calibration_steps=15,
                               region_weight=1.0)
     return Preset(
-        name="cpu-stem" if stem else "cpu", clip=clip, model=model, train=train, steps_per_epoch=300, world=world,
+        name=CPU_PRESET_NAMES[stem], clip=clip, model=model, train=train, steps_per_epoch=300, world=world,
         ablations=(), pretrain=dataclasses.replace(pretrain, **stage_zero),
         bench_n=100, train_mean_n=300, zero_shot_n=60,
         time_budget={"main": 1800.0, "ablations": 600.0},
@@ -228,8 +233,10 @@ def toy_preset() -> Preset:
     )
 
 
-PRESETS: dict[str, Callable[[], Preset]] = {"cpu": cpu_preset, "cpu-stem": lambda: cpu_preset(stem=True),
-                                            "full": full_preset, "small": small_preset, "toy": toy_preset}
+PRESETS: dict[str, Callable[[], Preset]] = {
+    "cpu": cpu_preset, "cpu-stem": lambda: cpu_preset(stem="conv"), "cpu-hybrid": lambda: cpu_preset(stem="hybrid"),
+    "full": full_preset, "small": small_preset, "toy": toy_preset,
+}
 
 
 def get_preset(preset: str | Preset, time_scale: float = 1.0) -> Preset:

@@ -93,7 +93,7 @@ def crop_size(clip: CLIP, cfg: StemPretrainConfig) -> tuple[int, int]:
 
 def pretrain_stem(clip: CLIP, cfg: StemPretrainConfig, world: WorldConfig, seed: int = 0, num_workers: int = 0,
                   device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Train `clip.visual.conv1` (a ConvStem) in place on object crops; returns what happened:
+    """Train `clip.visual.conv1` (a ConvStem or HybridStem) in place on object crops; returns what happened:
     steps, seconds, and shape / colour accuracy over the last `log_every` steps."""
     from tqdm.auto import tqdm
 
@@ -101,7 +101,7 @@ def pretrain_stem(clip: CLIP, cfg: StemPretrainConfig, world: WorldConfig, seed:
 
     stem = clip.visual.conv1
     if not isinstance(stem, ConvStem):
-        raise ConfigError("stem pretraining needs a convolutional stem: VisionConfig(stem='conv')")
+        raise ConfigError("stem pretraining needs a convolutional stem: VisionConfig(stem='conv' or 'hybrid')")
     device = torch.device(device)
     scene_px, model_px = crop_size(clip, cfg)
     heads = nn.Linear(stem.width, len(SHAPES) + len(COLOURS)).to(device)

@@ -184,9 +184,9 @@ def test_timed_pretraining_chooses_its_length(tmp_path):
 def test_presets_fit_the_bundle_and_validate():
     from clipcount.synthetic.recipe import ABLATIONS, ablation_variants, get_preset, model_size_mb
 
-    for name in ("full", "cpu", "cpu-stem"):
+    for name in ("full", "cpu", "cpu-stem", "cpu-hybrid"):
         assert model_size_mb(get_preset(name).model) < 15.5  # float16 bytes; the bundle limit is 16 MB
-    for name in ("small", "full", "toy", "cpu", "cpu-stem"):
+    for name in ("small", "full", "toy", "cpu", "cpu-stem", "cpu-hybrid"):
         preset = get_preset(name)
         preset.world_config()
         names = [v.name for v in ablation_variants(preset)]
@@ -194,9 +194,16 @@ def test_presets_fit_the_bundle_and_validate():
         assert set(preset.ablations) <= set(ABLATIONS)
     with pytest.raises(ConfigError):
         get_preset("huge")
-    stem, plain = get_preset("cpu-stem"), get_preset("cpu")
-    assert stem.clip.vision.stem == "conv" and plain.clip.vision.stem == "patch" and plain.pretrain.stem_steps == 0
-    assert stem.pretrain.time_budget_s + stem.pretrain.stem_time_budget_s == plain.pretrain.time_budget_s
+    from clipcount.cli.synthetic import PRESET_NAMES
+    from clipcount.synthetic.presets import PRESETS
+
+    assert set(PRESET_NAMES) == set(PRESETS)
+    plain = get_preset("cpu")
+    assert plain.clip.vision.stem == "patch" and plain.pretrain.stem_steps == 0
+    for name, kind in (("cpu-stem", "conv"), ("cpu-hybrid", "hybrid")):
+        stem = get_preset(name)
+        assert stem.name == name and stem.clip.vision.stem == kind
+        assert stem.pretrain.time_budget_s + stem.pretrain.stem_time_budget_s == plain.pretrain.time_budget_s
 
 
 def test_ablations_change_one_thing_each():

@@ -13,7 +13,7 @@ import torch
 
 from clipcount.config import CLIPConfig, TextConfig, VisionConfig
 from clipcount.errors import ConfigError
-from clipcount.modeling.clip import CLIP, ConvStem
+from clipcount.modeling.clip import CLIP, ConvStem, HybridStem
 from clipcount.synthetic.prompts import COLOURS, HELD_OUT, SHAPES
 from clipcount.synthetic.world import WorldConfig
 
@@ -41,6 +41,20 @@ def test_conv_stem_makes_the_tokens_a_patchify_would():
         image_size=64, patch_size=16, width=32, layers=1, heads=2))).visual.conv1, torch.nn.Conv2d)
 
 
+def test_hybrid_stem_sums_a_conv_stem_and_a_linear_patchify():
+    vision = VisionConfig(image_size=64, patch_size=16, width=32, layers=1, heads=2, stem="hybrid")
+    stem = CLIP(CLIPConfig(vision, CONV_CLIP.text, embed_dim=16)).visual.conv1
+    assert isinstance(stem, HybridStem)
+    images = torch.rand(2, 3, 64, 64)
+    tokens = stem(images)  # (B, width, 4, 4)
+    assert tokens.shape == (2, 32, 4, 4)
+    torch.testing.assert_close(tokens, stem.layers(images) + stem.patchify(images))
+    # the patchify is CLIP's: one linear map of each patch's pixels, no bias
+    assert stem.patchify.weight.shape == (32, 3, 16, 16) and stem.patchify.bias is None
+    with pytest.raises(ConfigError, match="power of 2"):
+        VisionConfig(patch_size=14, stem="hybrid")
+
+
 def test_object_crops_are_centred_on_one_training_object():
     from clipcount.synthetic.stem import OBJECTS_PER_SCENE, ObjectCrops
 
@@ -55,16 +69,19 @@ def test_object_crops_are_centred_on_one_training_object():
         ObjectCrops(2, 24, WORLD.replace(mode="test"))
 
 
-def test_stage_zero_trains_only_the_stem():
+@pytest.mark.parametrize("kind", ["conv", "hybrid"])
+def test_stage_zero_trains_only_the_stem(kind):
     from clipcount.synthetic.stem import StemPretrainConfig, pretrain_stem
 
     torch.manual_seed(0)
-    clip = CLIP(CONV_CLIP)
+    clip = CLIP(dataclasses.replace(CONV_CLIP, vision=dataclasses.replace(CONV_CLIP.vision, stem=kind)))
     before = {k: v.clone() for k, v in clip.state_dict().items()}
     result = pretrain_stem(clip, StemPretrainConfig(steps=3, scenes_per_batch=4, window=128), WORLD, progress=False)
     assert result["steps"] == 3 and 0.0 <= result["shape_accuracy"] <= 1.0 and 0.0 <= result["colour_accuracy"] <= 1.0
     changed = {k for k, v in clip.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("visual.conv1.") for k in changed)
+    if kind == "hybrid":  # both halves learn
+        assert "visual.conv1.patchify.weight" in changed and any(".layers." in k for k in changed)
     with pytest.raises(ConfigError, match="convolutional stem"):
         pretrain_stem(CLIP(dataclasses.replace(CONV_CLIP, vision=VisionConfig(
             image_size=64, patch_size=16, width=32, layers=1, heads=2))), StemPretrainConfig(steps=1), WORLD,
