@@ -217,6 +217,7 @@ class TrainConfig:
     # Chance that a training item is a background crop instead: a square of its image that holds no
     # annotated object, resized to the window, with an all-zero target (data/background.py). Without
     # any, a few images whose every crop holds objects never show what "none here" looks like.
+    # In the synthetic recipe: a crop of background alone (`synthetic.stream.blank_crop`).
     background_share: float = 0.0
     num_workers: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -211,7 +211,8 @@ def train_variant(spec: dict[str, Any]) -> dict[str, Any]:
                             density_sigma=train_cfg.density_sigma, density_scale=model_cfg.density_scale,
                             absent_prob=spec.get("absent_prob", 0.0), prompts_per_image=train_cfg.prompts_per_image,
                             negative_share=train_cfg.negative_share,
-                            hard_negative_share=train_cfg.hard_negative_share)
+                            hard_negative_share=train_cfg.hard_negative_share,
+                            blank_share=train_cfg.background_share)
     # (replaced by the checkpoint's weights when resuming)
     start_density_head(model, stream)
     result = train(model, stream, train_cfg, out, resume=spec.get("resume", True), device=spec.get("device"),

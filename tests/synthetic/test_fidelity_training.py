@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from clipcount.errors import ConfigError
 from clipcount.synthetic.prompts import (
     ALL_CLASSES,
     HELD_OUT,
@@ -57,6 +58,27 @@ def test_negative_prompts_get_all_zero_targets():
                 negatives += 1
                 assert float(count) == 0.0 and float(density.abs().max()) == 0.0
     assert negatives > 20
+
+
+def test_blank_crops_are_background_with_all_zero_targets():
+    from clipcount.synthetic.prompts import TRAIN_CLASSES
+
+    kwargs = dict(seed=5, world=WORLD, crop_size=CROP, prompts_per_image=3, negative_share=0.5, density_sigma=2.0)
+    plain = CountingStream(12, **kwargs)
+    blank = CountingStream(12, blank_share=1.0, **kwargs)
+    for i in range(len(blank)):
+        item = blank[i]
+        assert item["image"].shape == (3, CROP, CROP) and item["density"].shape == (3, 1, CROP, CROP)
+        assert float(item["count"].abs().sum()) == 0.0 and float(item["density"].abs().max()) == 0.0
+        assert all(parse_prompt(p) in TRAIN_CLASSES or parse_prompt(p)[0] is None for p in item["prompts"])
+        assert float(item["image"].std()) > 0.0  # a textured background, not a flat fill
+    shares = CountingStream(200, blank_share=0.25, **{**kwargs, "prompts_per_image": 1})
+    n_blank = sum(float(shares[i]["density"].abs().max()) == 0.0 for i in range(len(shares)))
+    assert 25 <= n_blank <= 80  # about a quarter (a present-class crop is never all zero)
+    # without blank crops the data is what it was before the option existed
+    assert torch.equal(plain[0]["image"], CountingStream(12, blank_share=0.0, **kwargs)[0]["image"])
+    with pytest.raises(ConfigError, match="blank_share"):
+        CountingStream(4, blank_share=1.5, **kwargs)
 
 
 def test_hard_negative_prompts_are_one_attribute_off():
