@@ -219,6 +219,10 @@ class TrainConfig:
     # any, a few images whose every crop holds objects never show what "none here" looks like.
     # In the synthetic recipe: a crop of background alone (`synthetic.stream.blank_crop`).
     background_share: float = 0.0
+    # Weight of a count loss beside the density MSE in the density stage (`engine.losses.
+    # relative_count_loss`: |predicted - true count| / (true + 1)): the MSE cannot see a uniform
+    # floor of density that adds objects to every window. 0 = the published MSE alone.
+    count_weight: float = 0.0
     num_workers: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_every: int = 500  # steps

@@ -53,6 +53,7 @@ _OVERRIDES = {
     "negative_share": "negative_share",
     "hard_negative_share": "hard_negative_share",
     "background_share": "background_share",
+    "count_weight": "count_weight",
 }
 
 
@@ -121,6 +122,9 @@ def register(subparsers) -> None:
     train.add_argument("--background-share", type=float,
                        help="chance that a training crop is a part of its image with no annotated object (all-zero "
                        "target), so that empty background learns to count 0 (0; 0.25 with --init)")
+    train.add_argument("--count-weight", type=float,
+                       help="weight of a count loss (|predicted - true| / (true + 1)) beside the density MSE, which "
+                       "cannot see a faint floor of density that adds objects to every image (0)")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     train.add_argument("--workers", type=int, help="data loading processes (2)")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (500)")

@@ -56,7 +56,7 @@ from clipcount.engine.distributed import (
     init_from_env,
     mean_across,
 )
-from clipcount.engine.losses import density_mse_loss, patch_text_contrastive_loss
+from clipcount.engine.losses import density_mse_loss, patch_text_contrastive_loss, relative_count_loss
 from clipcount.engine.trainer_state import load_trainer_state, save_trainer_state
 from clipcount.errors import CheckpointError, ClipCountError, ConfigError
 from clipcount.modeling.checkpoint import WEIGHTS_NAME, save_model
@@ -104,11 +104,13 @@ class TrainingObjective(nn.Module):
     contrastive loss leaves out pairs with nothing to count (negative prompts).
     """
 
-    def __init__(self, model: ClipCount, temperature: float, autocast_dtype: torch.dtype | None):
+    def __init__(self, model: ClipCount, temperature: float, autocast_dtype: torch.dtype | None,
+                 count_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.autocast_dtype = autocast_dtype
+        self.count_weight = count_weight  # beside the density MSE: relative_count_loss
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -149,6 +151,9 @@ class TrainingObjective(nn.Module):
         if pred is not None:
             mse = density_mse_loss(pred, density)
             total = total + density_weight * mse
+            if self.count_weight:
+                count = relative_count_loss(pred, density, model.config.density_scale)
+                total = total + density_weight * self.count_weight * count
         return total, contrastive.detach(), mse.detach()
 
 
@@ -196,7 +201,8 @@ def train(
     pos = Position()
     if resume:
         pos = _resume(out_dir, model, optimizer, scheduler, cfg, ctx, device, progress)
-    objective = TrainingObjective(model, cfg.contrastive_temperature, _autocast_dtype(cfg.precision, device))
+    objective = TrainingObjective(model, cfg.contrastive_temperature, _autocast_dtype(cfg.precision, device),
+                                  cfg.count_weight)
     runner: nn.Module = objective
     if ctx.enabled:
         runner = nn.parallel.DistributedDataParallel(
