@@ -123,7 +123,7 @@ def register(subparsers) -> None:
                        help="chance that a training crop is a part of its image with no annotated object (all-zero "
                        "target), so that empty background learns to count 0 (0; 0.25 with --init)")
     train.add_argument("--count-weight", type=float,
-                       help="weight of a count loss (|predicted - true| / (true + 1)) beside the density MSE, which "
+                       help="weight of a count loss ((predicted - true)^2) beside the density MSE, which "
                        "cannot see a faint floor of density that adds objects to every image (0)")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     train.add_argument("--workers", type=int, help="data loading processes (2)")

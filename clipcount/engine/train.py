@@ -56,7 +56,7 @@ from clipcount.engine.distributed import (
     init_from_env,
     mean_across,
 )
-from clipcount.engine.losses import density_mse_loss, patch_text_contrastive_loss, relative_count_loss
+from clipcount.engine.losses import density_mse_loss, patch_text_contrastive_loss, count_mse_loss
 from clipcount.engine.trainer_state import load_trainer_state, save_trainer_state
 from clipcount.errors import CheckpointError, ClipCountError, ConfigError
 from clipcount.modeling.checkpoint import WEIGHTS_NAME, save_model
@@ -110,7 +110,7 @@ class TrainingObjective(nn.Module):
         self.model = model
         self.temperature = temperature
         self.autocast_dtype = autocast_dtype
-        self.count_weight = count_weight  # beside the density MSE: relative_count_loss
+        self.count_weight = count_weight  # beside the density MSE: count_mse_loss
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -152,7 +152,7 @@ class TrainingObjective(nn.Module):
             mse = density_mse_loss(pred, density)
             total = total + density_weight * mse
             if self.count_weight:
-                count = relative_count_loss(pred, density, model.config.density_scale)
+                count = count_mse_loss(pred, density, model.config.density_scale)
                 total = total + density_weight * self.count_weight * count
         return total, contrastive.detach(), mse.detach()
 

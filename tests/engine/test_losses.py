@@ -13,7 +13,7 @@ from clipcount.engine.losses import (
     density_mse_loss,
     patch_text_contrastive_loss,
     positive_patch_mask,
-    relative_count_loss,
+    count_mse_loss,
 )
 from clipcount.engine.train import TrainingObjective
 from clipcount.modeling.clip_count import ClipCount
@@ -112,11 +112,11 @@ def test_count_loss_sees_a_floor_that_the_mse_does_not():
     floor = target + 1e-5 * 60.0  # 1e-5 objects per pixel everywhere: 1.47 objects per window
     assert density_mse_loss(floor, target).item() < 1e-6
     extra = 384 * 384 * 1e-5
-    expected = (extra / (3 + 1) + extra / (0 + 1)) / 2
-    assert relative_count_loss(floor, target, 60.0).item() == pytest.approx(expected, rel=1e-4)
-    assert relative_count_loss(target, target, 60.0).item() == 0.0
+    expected = extra**2  # the same extra count on both maps
+    assert count_mse_loss(floor, target, 60.0).item() == pytest.approx(expected, rel=1e-4)
+    assert count_mse_loss(target, target, 60.0).item() == 0.0
     with pytest.raises(ValueError, match="shape"):
-        relative_count_loss(target, target[:, :, :2], 60.0)
+        count_mse_loss(target, target[:, :, :2], 60.0)
 
 
 def test_count_weight_adds_the_count_loss_in_the_density_stage_only(tiny_batch):
@@ -127,7 +127,7 @@ def test_count_weight_adds_the_count_loss_in_the_density_stage_only(tiny_batch):
     counted = TrainingObjective(model, 0.07, None, count_weight=0.5)(images, density * 60, prompts, 0.0, 1.0)
     with torch.no_grad():
         pred = model(images, prompts)
-    extra = 0.5 * relative_count_loss(pred, density * 60, model.config.density_scale).item()
+    extra = 0.5 * count_mse_loss(pred, density * 60, model.config.density_scale).item()
     # (the training path shares the prompt-free features across prompts: equal to ~1e-3, not bitwise)
     assert extra > 0 and counted[0].item() == pytest.approx(plain[0].item() + extra, rel=1e-2)
     assert counted[2].item() == pytest.approx(plain[2].item())  # the logged MSE stays the MSE
