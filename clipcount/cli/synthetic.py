@@ -15,7 +15,7 @@ from pathlib import Path
 
 STAGE_HELP = "pretrain, main, ablations, benchmark"
 # the keys of `synthetic.presets.PRESETS`, written out so `--help` imports no torch (a test checks they agree)
-PRESET_NAMES = ("cpu", "cpu-stem", "cpu-hybrid", "full", "small", "toy")
+PRESET_NAMES = ("cpu", "cpu-patch", "cpu-stem", "full", "small", "toy")
 
 
 def register(subparsers) -> None:
@@ -34,7 +34,8 @@ def _add_recipe(sub) -> None:
         description="Pretrain a small CLIP on synthetic scene captions, train CLIP-Count on it, train three "
         "ablations with the same budget and benchmark them all on fresh test scenes. Resumable: run the same "
         "command again after an interruption.",
-        epilog="presets: cpu = 2 CPU cores, at most 60 minutes (the bundled demo model's recipe); "
+        epilog="presets: cpu = 2 CPU cores, at most 60 minutes (the bundled demo model's recipe; cpu-patch and "
+        "cpu-stem are earlier versions of it, kept for comparison); "
         "full = one GPU and 16 CPU cores, about 8 minutes; small = 2 CPU cores, under 20 minutes (proves the "
         "recipe runs, does not count well).",
     )

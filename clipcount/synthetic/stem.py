@@ -8,7 +8,7 @@ per-patch shape labels alike. A convolutional stem classifying object-centred cr
 drawn from many scenes, reaches 0.93 shape accuracy in 2718 steps (7 CPU minutes, after a plateau of
 about 1000), and its stride-16 features then name the shape of the object under a patch in whole
 scenes (a linear probe: 0.81). The stem is then frozen while the transformer learns from scenes
-(`pretrain.py`). Used by the `cpu-stem` recipe preset.
+(`pretrain.py`). Used by the `cpu` recipe preset (with a HybridStem) and `cpu-stem` (a ConvStem).
 
 Each crop shows one object (its centre jittered by up to a quarter of the crop) at the model's
 scale: `crop_patches` patches of `vision.patch_size` model pixels, cut from the scene at the size

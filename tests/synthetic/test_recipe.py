@@ -184,9 +184,9 @@ def test_timed_pretraining_chooses_its_length(tmp_path):
 def test_presets_fit_the_bundle_and_validate():
     from clipcount.synthetic.recipe import ABLATIONS, ablation_variants, get_preset, model_size_mb
 
-    for name in ("full", "cpu", "cpu-stem", "cpu-hybrid"):
+    for name in ("full", "cpu", "cpu-patch", "cpu-stem"):
         assert model_size_mb(get_preset(name).model) < 15.5  # float16 bytes; the bundle limit is 16 MB
-    for name in ("small", "full", "toy", "cpu", "cpu-stem", "cpu-hybrid"):
+    for name in ("small", "full", "toy", "cpu", "cpu-patch", "cpu-stem"):
         preset = get_preset(name)
         preset.world_config()
         names = [v.name for v in ablation_variants(preset)]
@@ -198,9 +198,9 @@ def test_presets_fit_the_bundle_and_validate():
     from clipcount.synthetic.presets import PRESETS
 
     assert set(PRESET_NAMES) == set(PRESETS)
-    plain = get_preset("cpu")
+    plain = get_preset("cpu-patch")
     assert plain.clip.vision.stem == "patch" and plain.pretrain.stem_steps == 0
-    for name, kind in (("cpu-stem", "conv"), ("cpu-hybrid", "hybrid")):
+    for name, kind in (("cpu", "hybrid"), ("cpu-stem", "conv")):
         stem = get_preset(name)
         assert stem.name == name and stem.clip.vision.stem == kind
         assert stem.pretrain.time_budget_s + stem.pretrain.stem_time_budget_s == plain.pretrain.time_budget_s
