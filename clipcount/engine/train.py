@@ -56,7 +56,7 @@ from clipcount.engine.distributed import (
     init_from_env,
     mean_across,
 )
-from clipcount.engine.losses import density_mse_loss, patch_text_contrastive_loss, count_mse_loss
+from clipcount.engine.losses import count_mse_loss, density_mse_loss, patch_text_contrastive_loss
 from clipcount.engine.trainer_state import load_trainer_state, save_trainer_state
 from clipcount.errors import CheckpointError, ClipCountError, ConfigError
 from clipcount.modeling.checkpoint import WEIGHTS_NAME, save_model
