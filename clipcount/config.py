@@ -222,7 +222,8 @@ class TrainConfig:
     # Weight of a count loss beside the density MSE in the density stage (`engine.losses.
     # count_mse_loss`: (predicted - true count)^2 per image and prompt): the density MSE cannot see
     # a uniform floor of density that adds objects to every window. Counts errors of ~7 objects
-    # weigh about as much as a density MSE of 1.5e-4 at 3e-6. 0 = the published MSE alone.
+    # weigh about as much as a density MSE of 1.5e-4 at 3e-6. 0 = the published MSE alone; at 3e-6
+    # a half-budget synthetic run leaked other classes into each count (README), so no preset uses it.
     count_weight: float = 0.0
     num_workers: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -242,7 +242,7 @@ class _SceneCrops(torch.utils.data.Dataset):
 def blank_crop(rng: np.random.Generator, size: int) -> Scene:
     """A (size, size) crop of background only, with the world's camera noise: without such crops
     every training window holds objects, and the model never learns what "none here" looks like
-    (a blank image counted 2.8 objects on the benchmark)."""
+    (the cpu-stem counter counted 2.8 objects on a blank benchmark image)."""
     noise = int(rng.integers(1, 7)) if rng.random() < 0.7 else 0
     return Scene(image=degrade(render_background(rng, size, size), rng, blur=0.0, noise=noise), objects=[])
 
