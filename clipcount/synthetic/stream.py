@@ -46,7 +46,7 @@ from clipcount.synthetic.prompts import (
     sample_prompt,
 )
 from clipcount.synthetic.render import degrade, object_polygons, render_background
-from clipcount.synthetic.world import Scene, SceneObject, WorldConfig, make_scene
+from clipcount.synthetic.world import Scene, SceneObject, WorldConfig, make_scene, sensor_noise
 
 # Tags mixed into the seed sequences so that scenes, crops and the two datasets never share a stream.
 _SCENE_TAG, _CROP_TAG = 1, 2
@@ -243,7 +243,7 @@ def blank_crop(rng: np.random.Generator, size: int) -> Scene:
     """A (size, size) crop of background only, with the world's camera noise: without such crops
     every training window holds objects, and the model never learns what "none here" looks like
     (the cpu-stem counter counted 2.8 objects on a blank benchmark image)."""
-    noise = int(rng.integers(1, 7)) if rng.random() < 0.7 else 0
+    noise = sensor_noise(rng)  # drawn before the background, as ever: the same crops from the same seed
     return Scene(image=degrade(render_background(rng, size, size), rng, blur=0.0, noise=noise), objects=[])
 
 

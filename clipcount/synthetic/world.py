@@ -304,6 +304,12 @@ def _check_classes(classes: Mapping[Class, int], cfg: WorldConfig) -> None:
             raise ConfigError(f"count of {key[0]} {key[1]} must be >= 0, got {n}")
 
 
+def sensor_noise(rng: np.random.Generator) -> int:
+    """The camera's luminance noise for one image, in grey levels (`render.degrade`): 1-6, or none
+    for 30% of images."""
+    return int(rng.integers(1, 7)) if rng.random() < 0.7 else 0
+
+
 def make_scene(
     rng: np.random.Generator | int,
     cfg: WorldConfig | None = None,
@@ -343,7 +349,7 @@ def make_scene(
         inner, _ = object_polygons([s for _, s in labels], xs, ys, np.maximum(sizes - 2.5, 1.0), angles)
     # Blur is rare because it costs as much as the whole scene; training augmentation blurs too.
     blur = float(rng.uniform(0.3, 0.8)) if cfg.effects and rng.random() < 0.1 else 0.0
-    noise = int(rng.integers(1, 7)) if cfg.effects and rng.random() < 0.7 else 0
+    noise = sensor_noise(rng) if cfg.effects else 0
     drawn = draw_objects(background, polygons, colours, antialias=cfg.antialias, inner=inner)
     image = degrade(drawn, rng, blur=blur, noise=noise)
 
@@ -470,4 +476,5 @@ __all__ = [
     "sample_classes",
     "sample_count",
     "sample_training_example",
+    "sensor_noise",
 ]
