@@ -77,6 +77,11 @@ def patch_text_contrastive_loss(
     return (log_all - log_pos)[has_pos].mean()
 
 
+def _check_same_shape(pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"predicted density {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+
+
 def count_mse_loss(pred: torch.Tensor, target: torch.Tensor, density_scale: float) -> torch.Tensor:
     """Densities (B, 1, H, W) -> mean over the batch of (predicted - true count)^2 (fp32).
 
@@ -86,8 +91,7 @@ def count_mse_loss(pred: torch.Tensor, target: torch.Tensor, density_scale: floa
     full. Squared, not |error|: an L1 count loss (relative to true + 1) at weight 1e-3 drove a
     counter to answer ~0.9 for everything (the median of a batch full of negative prompts).
     """
-    if pred.shape != target.shape:
-        raise ValueError(f"predicted density {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    _check_same_shape(pred, target)
     pred_count = pred.float().sum(dim=(1, 2, 3)) / density_scale  # (B,)
     true_count = target.float().sum(dim=(1, 2, 3)) / density_scale  # (B,)
     return (pred_count - true_count).square().mean()
@@ -95,6 +99,5 @@ def count_mse_loss(pred: torch.Tensor, target: torch.Tensor, density_scale: floa
 
 def density_mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Predicted and ground-truth density (B, 1, H, W) -> mean squared error over all pixels (fp32)."""
-    if pred.shape != target.shape:
-        raise ValueError(f"predicted density {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    _check_same_shape(pred, target)
     return F.mse_loss(pred.float(), target.float())

@@ -136,6 +136,11 @@ class Transformer(nn.Module):
         return x
 
 
+def linear_patchify(width: int, patch_size: int) -> nn.Conv2d:
+    """CLIP's own stem: one linear map of each patch's pixels, (B, 3, S, S) -> (B, width, S / p, S / p)."""
+    return nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+
+
 class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of each pixel of a (B, C, H, W) map. Unlike GroupNorm it pools
     nothing across space, so a pixel keeps its absolute colour, and unlike BatchNorm it holds no
@@ -182,7 +187,7 @@ class HybridStem(ConvStem):
 
     def __init__(self, width: int, patch_size: int, eps: float = 1e-5):
         super().__init__(width, patch_size, eps)
-        self.patchify = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.patchify = linear_patchify(width, patch_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(images) + self.patchify(images)
@@ -194,7 +199,7 @@ def _make_stem(cfg: VisionConfig) -> nn.Module:
         return ConvStem(cfg.width, cfg.patch_size, cfg.layer_norm_eps)
     if cfg.stem == "hybrid":
         return HybridStem(cfg.width, cfg.patch_size, cfg.layer_norm_eps)
-    return nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+    return linear_patchify(cfg.width, cfg.patch_size)
 
 
 class VisionTransformer(nn.Module):
