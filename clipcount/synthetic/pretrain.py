@@ -82,7 +82,7 @@ class PretrainConfig:
     # Weight of the region-level loss (`regions.py`: every patch classified against class, shape
     # and colour texts by what covers it) beside the caption loss; 0 = captions only.
     region_weight: float = 0.0
-    # Stage 0 (`stem.py`, needs VisionConfig(stem="conv")): the stem learns shape and colour from
+    # Stage 0 (`stem.py`, needs VisionConfig(stem="conv" or "hybrid")): the stem learns shape and colour from
     # object crops for at most `stem_steps` steps / `stem_time_budget_s` seconds (on top of
     # `time_budget_s`), then stays frozen. 0 = no stage 0 (the stem trains with the rest).
     stem_steps: int = 0
