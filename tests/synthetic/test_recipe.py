@@ -230,10 +230,10 @@ def test_ablations_change_one_thing_each():
 def test_recipe_runs_end_to_end_and_exports_a_demo(tmp_path, monkeypatch):
     """The toy preset with a time budget: steps are measured and recorded, every stage runs."""
     from clipcount.modeling.checkpoint import load_model
-    from clipcount.synthetic import recipe
+    from clipcount.synthetic import recipe, variants
 
-    monkeypatch.setattr(recipe, "CALIBRATION_STEPS", 4)
-    monkeypatch.setattr(recipe, "CALIBRATION_SKIP", 1)
+    monkeypatch.setattr(variants, "CALIBRATION_STEPS", 4)
+    monkeypatch.setattr(variants, "CALIBRATION_SKIP", 1)
     preset = recipe.toy_preset()
     preset.time_budget = {"main": 20.0, "ablations": 10.0}
     payload = recipe.run_recipe(tmp_path / "run", preset, device="cpu", progress=False)
