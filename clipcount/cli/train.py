@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     from clipcount.data.augment import AugmentConfig
     from clipcount.engine.distributed import current_context, shutdown
     from clipcount.engine.head_init import start_density_head
-    from clipcount.engine.train import LAST, find_checkpoint, train
+    from clipcount.engine.run_folder import LAST, find_checkpoint
+    from clipcount.engine.train import train
     from clipcount.errors import ConfigError
 
     if args.dataset.strip().lower().replace("_", "-") == "fsc147-s":
@@ -238,7 +239,7 @@ def with_negative_prompts(dataset, base, model, cfg):
 def make_model(args: argparse.Namespace, model_section: dict[str, Any]):
     """The model to train: resumed run's config, --init checkpoint, or a new one (--tiny / config / --clip)."""
     from clipcount.config import ClipCountConfig, tiny_config
-    from clipcount.engine.train import LAST, find_checkpoint
+    from clipcount.engine.run_folder import LAST, find_checkpoint
     from clipcount.errors import ConfigError
     from clipcount.modeling.build import build_model
     from clipcount.modeling.checkpoint import load_model, read_config

@@ -8,7 +8,7 @@ parameters for the whole run; parameters a stage does not use get no gradient an
 touched (AdamW skips them, weight decay included). The learning rate is multiplied by `lr_decay`
 every `lr_decay_every` epochs.
 
-Output folder:
+Output folder (`run_folder.py` writes and reads it):
     last/      model.safetensors + config.json + trainer_state.{safetensors,json}, every
                `checkpoint_every` steps and at the end; swapped in whole, never half-written
     final/     the model at the end of the call (same layout, no trainer state)
@@ -29,15 +29,13 @@ and tests `epoch <= 20`, so 21 contrastive epochs; our config says 20 + 180.)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,31 +50,29 @@ from clipcount.engine.distributed import (
     current_context,
     device_for,
     env_context,
-    gather_objects,
     init_from_env,
-    mean_across,
 )
-from clipcount.engine.losses import count_mse_loss, density_mse_loss, patch_text_contrastive_loss
-from clipcount.engine.trainer_state import load_trainer_state, save_trainer_state
-from clipcount.errors import CheckpointError, ClipCountError, ConfigError
-from clipcount.modeling.checkpoint import WEIGHTS_NAME, save_model
+from clipcount.engine.losses import (
+    count_mse_loss,
+    density_mse_loss,
+    patch_text_contrastive_loss,
+)
+from clipcount.engine.run_folder import (
+    FINAL,
+    LAST,
+    MetricsLogger,
+    Position,
+    find_checkpoint,
+    resume_from,
+    save_checkpoint,
+    seed_everything,
+)
+from clipcount.errors import ClipCountError, ConfigError
 from clipcount.modeling.clip_count import ClipCount
-
-LAST, FINAL = "last", "final"
-METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingError(ClipCountError, RuntimeError):
     """Training cannot go on (the loss became NaN or infinite)."""
-
-
-@dataclass
-class Position:
-    """How far training has come: optimizer steps in all, and batches done in the current epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
 
 
 @dataclass
@@ -192,7 +188,7 @@ def train(
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    _seed_everything(cfg.seed + ctx.rank)
+    seed_everything(cfg.seed + ctx.rank)
     model.to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
@@ -200,7 +196,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, cfg.lr_decay_every), gamma=cfg.lr_decay)
     pos = Position()
     if resume:
-        pos = _resume(out_dir, model, optimizer, scheduler, cfg, ctx, device, progress)
+        pos = resume_from(out_dir, model, optimizer, scheduler, cfg, ctx, device, progress)
     objective = TrainingObjective(model, cfg.contrastive_temperature, _autocast_dtype(cfg.precision, device),
                                   cfg.count_weight)
     runner: nn.Module = objective
@@ -210,7 +206,7 @@ def train(
             find_unused_parameters=True,  # stage 1 leaves the decoder unused, stage 2 the contrastive head
         )
 
-    logger = _MetricsLogger(out_dir, ctx, keep_until=pos.step if resume else None, tensorboard=True)
+    logger = MetricsLogger(out_dir, ctx, keep_until=pos.step if resume else None, tensorboard=True)
     result = TrainResult(out_dir=out_dir, step=pos.step, epoch=pos.epoch, finished=False)
     batches_per_epoch = math.ceil(_sampler(dataset, cfg, ctx, 0).num_samples / local_batch)
     bar = _progress_bar(progress and ctx.is_main, pos, cfg, total_epochs, batches_per_epoch)
@@ -347,206 +343,6 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-
-
-# ---- RNG ----------------------------------------------------------------------------------------
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU and CUDA, numpy, python)."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    numpy_state = state["numpy"]
-    np.random.set_state((numpy_state[0], numpy_state[1].astype(np.uint32), *numpy_state[2:]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-# ---- checkpoints --------------------------------------------------------------------------------
-
-def save_checkpoint(out_dir: Path, name: str, model: ClipCount, optimizer, scheduler, pos: Position,
-                    cfg: TrainConfig, ctx: DistContext) -> Path:
-    """Write out_dir/<name> whole: into a temporary folder, then renamed into place.
-
-    Every process must call it (the RNG states of all ranks are gathered); rank 0 writes.
-    With an optimizer the trainer state is written too (for resuming).
-    """
-    rngs = gather_objects(ctx, rng_state()) if optimizer is not None else None
-    target = out_dir / name
-    if ctx.is_main:
-        tmp = out_dir / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        extra = {"training": {"step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch,
-                              "train_config": _config_dict(cfg), "world_size": ctx.world_size}}
-        save_model(model, tmp, extra=extra)
-        if optimizer is not None:
-            state = {
-                "position": asdict(pos),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rngs,
-                "train_config": _config_dict(cfg),
-                "world_size": ctx.world_size,
-            }
-            save_trainer_state(tmp, state)
-        swap_in(tmp, target)
-    barrier(ctx)
-    return target
-
-
-def swap_in(tmp: Path, target: Path) -> None:
-    """Replace folder `target` by `tmp` with renames only; a kill at any point leaves a whole one.
-
-    The old folder is moved aside to `.<name>.old` first; if a kill falls between the two renames,
-    `find_checkpoint` picks that one up.
-    """
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(out_dir: Path, name: str = LAST) -> Path | None:
-    """out_dir/<name>, or the previous one left aside by an interrupted swap; None if neither."""
-    for folder in (out_dir / name, out_dir / f".{name}.old"):
-        if (folder / WEIGHTS_NAME).is_file():
-            return folder
-    return None
-
-
-def _resume(out_dir: Path, model: ClipCount, optimizer, scheduler, cfg: TrainConfig, ctx: DistContext,
-            device: torch.device, progress: bool) -> Position:
-    """Load the model, optimizer, scheduler, RNG and position from out_dir/last."""
-    from safetensors.torch import load_file
-
-    from clipcount.modeling.weights import load_state_strict
-
-    folder = find_checkpoint(out_dir, LAST)
-    if folder is None:
-        if ctx.is_main and progress:
-            print(f"clipcount: no checkpoint in {out_dir / LAST}; starting from scratch")
-        return Position()
-    state = load_trainer_state(folder)
-    pos = Position(**state["position"])
-    _check_resumable(state, cfg, ctx, pos, folder)
-    weights = folder / WEIGHTS_NAME
-    try:
-        tensors = load_file(str(weights), device=str(device))
-    except Exception as error:  # noqa: BLE001 - safetensors raises several types
-        raise CheckpointError(f"{weights} is unreadable ({error}); resume from another checkpoint") from None
-    load_state_strict(model, tensors, str(weights))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rngs = state["rng"] or []
-    if ctx.rank < len(rngs):
-        set_rng_state(rngs[ctx.rank])
-    else:  # more processes than when saved: new ranks get fresh, distinct streams
-        _seed_everything(cfg.seed + ctx.rank + 7919 * pos.step)
-    if ctx.is_main and progress:
-        print(f"clipcount: resuming from {folder} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
-    return pos
-
-
-def _check_resumable(state: dict[str, Any], cfg: TrainConfig, ctx: DistContext, pos: Position, folder: Path) -> None:
-    """Mid-epoch, the data order depends on seed, batch size and process count: they must match."""
-    if pos.batch == 0:
-        return
-    saved = state.get("train_config", {})
-    changed = [key for key in ("seed", "batch_size") if saved.get(key) != getattr(cfg, key)]
-    if state.get("world_size") != ctx.world_size:
-        changed.append("number of processes")
-    if changed:
-        raise ConfigError(
-            f"{folder} was saved in the middle of an epoch with a different {', '.join(changed)}; resume "
-            "with the same settings (or start a new output folder)"
-        )
-
-
-def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
-# ---- logging ------------------------------------------------------------------------------------
-
-class _MetricsLogger:
-    """metrics.jsonl (and TensorBoard when available) on rank 0; loss averaged over the log window
-    and over processes. On resume the lines past the checkpoint's step (written by the run that was
-    interrupted) are dropped so the log reads as one run."""
-
-    def __init__(self, out_dir: Path, ctx: DistContext, keep_until: int | None, tensorboard: bool = True):
-        self.ctx = ctx
-        self.path = out_dir / METRICS_FILE
-        self.window: list[tuple[float, float, float]] = []
-        self.started = time.time()
-        self.file = None
-        self.writer = None
-        if not ctx.is_main:
-            return
-        kept = _read_lines_until(self.path, keep_until) if keep_until is not None else []
-        self.file = open(self.path, "w", encoding="utf-8")
-        self.file.writelines(kept)
-        self.file.flush()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-            except Exception:  # noqa: BLE001 - TensorBoard is optional; any import problem means "off"
-                self.writer = None
-
-    def step(self, pos: Position, stage: str, total: float, contrastive: float, mse: float, lr: float,
-             every: int, device: torch.device) -> None:
-        self.window.append((total, contrastive, mse))
-        if every <= 0 or pos.step % every:
-            return
-        means = [mean_across(self.ctx, sum(v) / len(v), device) for v in zip(*self.window)]
-        self.window.clear()
-        if self.file is None:
-            return
-        record = {"step": pos.step, "epoch": pos.epoch, "stage": stage, "loss": means[0],
-                  "contrastive": means[1], "density": means[2], "lr": lr,
-                  "time": round(time.time() - self.started, 3), "timestamp": round(time.time(), 3)}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key in ("loss", "contrastive", "density", "lr"):
-                self.writer.add_scalar(f"train/{key}", record[key], pos.step)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _read_lines_until(path: Path, step: int) -> list[str]:
-    if not path.is_file():
-        return []
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by the kill
-    return kept
 
 
 def _progress_bar(enabled: bool, pos: Position, cfg: TrainConfig, total_epochs: int, batches_per_epoch: int):

@@ -161,7 +161,7 @@ def load_clip(folder: str | os.PathLike, device: str | torch.device = "cpu") -> 
 
 
 def _save_checkpoint(out_dir: Path, name: str, clip: CLIP, optimizer, step: int, cfg: PretrainConfig) -> Path:
-    from clipcount.engine.train import swap_in
+    from clipcount.engine.run_folder import swap_in
     from clipcount.engine.trainer_state import save_trainer_state
 
     tmp = out_dir / f".{name}.tmp"

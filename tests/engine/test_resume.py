@@ -19,7 +19,8 @@ from clipcount.cli import main
 from clipcount.config import TrainConfig, tiny_config
 from clipcount.data import TrainingDataset, build_dataset
 from clipcount.data.augment import AugmentConfig
-from clipcount.engine.train import find_checkpoint, swap_in, train
+from clipcount.engine.run_folder import find_checkpoint, swap_in
+from clipcount.engine.train import train
 from clipcount.engine.trainer_state import load_trainer_state, pack, save_trainer_state, unpack
 from clipcount.errors import CheckpointError, ConfigError
 from clipcount.modeling.checkpoint import load_model
