@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from clipcount.config import tiny_config
 from clipcount.engine.head_init import init_density_head
-from clipcount.engine.inference import CPU_MAX_BATCH, CastWeights, DensityPredictor
+from clipcount.engine.inference import CPU_MAX_BATCH, DensityPredictor
 from clipcount.engine.windows import count_image
 from clipcount.modeling.clip_count import ClipCount
 from clipcount.modeling.decoder import _ACTIVATIONS
@@ -286,7 +286,7 @@ def test_auto_casts_only_its_modules(monkeypatch):
     self-attention and MLPs; not the text tower, the image tower's attention, the cross-attention
     to the prompt or the decoder. An empty pattern casts nothing: float32 counts exactly."""
     from clipcount.engine.inference import AUTO_ATTENTION_SKIP
-    from clipcount.modeling.clip import MLP, MultiheadSelfAttention
+    from clipcount.modeling.clip import MultiheadSelfAttention
     from clipcount.modeling.interaction import FeedForward, SelfAttention
 
     model = make_model()
