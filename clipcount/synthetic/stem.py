@@ -49,6 +49,7 @@ class StemPretrainConfig:
     crop_patches: int = 2  # crop side in patches at the model's scale
     window: int = 384  # the scene window the model sees at `vision.image_size` pixels
     log_every: int = 100
+    precision: str = "auto"  # as PretrainConfig.precision: bf16 autocast for "bf16" (and "auto" on CUDA)
 
 
 class ObjectCrops(torch.utils.data.Dataset):
@@ -92,17 +93,28 @@ def crop_size(clip: CLIP, cfg: StemPretrainConfig) -> tuple[int, int]:
 
 
 def pretrain_stem(clip: CLIP, cfg: StemPretrainConfig, world: WorldConfig, seed: int = 0, num_workers: int = 0,
-                  device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
+                  device: torch.device | str = "cpu", progress: bool = True, threads: int | None = None) -> dict[str, Any]:
     """Train `clip.visual.conv1` (a ConvStem or HybridStem) in place on object crops; returns what happened:
-    steps, seconds, and shape / colour accuracy over the last `log_every` steps."""
+    steps, seconds, and shape / colour accuracy over the last `log_every` steps. `threads`: torch
+    threads of this process while it runs (restored after), None = leave them."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train_stem(clip, cfg, world, seed, num_workers, torch.device(device), progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_stem(clip: CLIP, cfg: StemPretrainConfig, world: WorldConfig, seed: int, num_workers: int,
+                device: torch.device, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from clipcount.synthetic.pretrain import preprocess
+    from clipcount.synthetic.pretrain import autocast_for, preprocess
 
     stem = clip.visual.conv1
     if not isinstance(stem, ConvStem):
         raise ConfigError("stem pretraining needs a convolutional stem: VisionConfig(stem='conv' or 'hybrid')")
-    device = torch.device(device)
     scene_px, model_px = crop_size(clip, cfg)
     heads = nn.Linear(stem.width, len(SHAPES) + len(COLOURS)).to(device)
     params = list(stem.parameters()) + list(heads.parameters())
@@ -120,7 +132,8 @@ def pretrain_stem(clip: CLIP, cfg: StemPretrainConfig, world: WorldConfig, seed:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         images, labels = batch["image"].to(device), batch["label"].to(device)  # (K, 3, C, C), (K, 2)
-        logits = heads(stem(preprocess(images, model_px)).mean(dim=(2, 3)))  # (K, shapes + colours)
+        with autocast_for(device, cfg.precision):
+            logits = heads(stem(preprocess(images, model_px)).mean(dim=(2, 3))).float()  # (K, shapes + colours)
         shape_logits, colour_logits = logits[:, : len(SHAPES)], logits[:, len(SHAPES) :]
         loss = F.cross_entropy(shape_logits, labels[:, 0]) + F.cross_entropy(colour_logits, labels[:, 1])
         if not math.isfinite(loss.item()):
