@@ -120,8 +120,9 @@ def cpu_preset(stem: str = "hybrid") -> Preset:
     four prompts per crop (present classes with their own maps, 40% absent classes with zero
     targets, most of them one attribute off) and 20% blank crops (background only, zero targets:
     without them a density floor of ~1e-5 objects per pixel added up to ~4 objects per blank
-    image), then the benchmark. The model sees each 384-pixel
-    window at 256 pixels (a 16x16 patch grid, interaction at 16x16 and 32x32). Time budgets become
+    image), then the benchmark. Stage 0 gets data workers of its own and one main thread (it waits on
+    drawing scenes); stages 1-3 run under bf16 autocast where the CPU has native bf16. The model
+    sees each 384-pixel window at 256 pixels (a 16x16 patch grid, interaction at 16x16 and 32x32). Time budgets become
     step counts from the rate measured on the machine at hand.
 
     The earlier recipes, kept so their numbers in the README can be reproduced: `stem="patch"`
