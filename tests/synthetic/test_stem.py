@@ -88,6 +88,29 @@ def test_stage_zero_trains_only_the_stem(kind):
             progress=False)
 
 
+def test_stage_zero_takes_its_own_workers_and_threads_and_gives_the_threads_back(tmp_path, monkeypatch):
+    """PretrainConfig.stem_workers / stem_threads reach stage 0 (it waits on drawing scenes), the
+    process's thread count is restored after it, and its precision follows PretrainConfig's."""
+    from clipcount.synthetic import stem
+    from clipcount.synthetic.pretrain import pretrain_clip
+
+    seen = []
+    real = stem._train_stem
+
+    def spy(clip, cfg, world, seed, num_workers, device, progress):
+        seen.append((num_workers, torch.get_num_threads(), cfg.precision))
+        return real(clip, cfg, world, seed, num_workers, device, progress)
+
+    monkeypatch.setattr(stem, "_train_stem", spy)
+    threads = torch.get_num_threads()
+    cfg = _pretrain_cfg(steps=1, stem_workers=1, stem_threads=1, precision="bf16")
+    assert pretrain_clip(CONV_CLIP, cfg, tmp_path, device="cpu", progress=False).finished
+    assert seen == [(1, 1, "bf16")] and torch.get_num_threads() == threads
+    seen.clear()
+    assert pretrain_clip(CONV_CLIP, _pretrain_cfg(steps=1), tmp_path / "plain", device="cpu", progress=False).finished
+    assert seen == [(0, threads, "auto")]  # unset: the pretraining's workers, threads left alone
+
+
 def _pretrain_cfg(**changes):
     from clipcount.synthetic.pretrain import PretrainConfig
 
