@@ -122,11 +122,11 @@ def cpu_preset(stem: str = "hybrid") -> Preset:
     without them a density floor of ~1e-5 objects per pixel added up to ~4 objects per blank
     image), then the benchmark. Stage 0 gets data workers of its own and one main thread (it waits on
     drawing scenes); stages 1-3 run under bf16 autocast where the CPU has native bf16. The model
-    sees each 384-pixel window at 256 pixels (a 16x16 patch grid, interaction at 16x16 and 32x32). Time budgets become
-    step counts from the rate measured on the machine at hand.
+    sees each 384-pixel window at 256 pixels (a 16x16 patch grid, interaction at 16x16 and 32x32).
+    Time budgets become step counts from the rate measured on the machine at hand.
 
     The earlier recipes, kept so their numbers in the README can be reproduced: `stem="patch"`
-    ("cpu-patch", the previous bundled model: linear patchify, no stage 0; its patches never learned
+    ("cpu-patch", the model bundled before session 6: linear patchify, no stage 0; its patches never learned
     shape) and `stem="conv"` ("cpu-stem": a conv stem alone, whose patches learned shape but lost
     colour). Both keep the settings they were measured with: no blank crops, 30 minutes of CLIP-Count.
     """
