@@ -1,7 +1,7 @@
 """Recipe presets: everything one run of the synthetic recipe is made of (see `recipe.py`).
 
     cpu         the bundled demo model's recipe: 2 CPU cores, at most 60 minutes of wall time
-    cpu-patch   the previous bundled model's recipe: the same with CLIP's linear patchify, no stage 0
+    cpu-patch   the recipe bundled before session 6: the same with CLIP's linear patchify, no stage 0
     cpu-stem    the same with a convolutional stem alone (an experiment)
     full        sized for one GPU with 16 CPU cores
     small       proves every stage runs on 2 CPU cores in under 20 minutes (it will not count well)
@@ -126,28 +126,32 @@ def cpu_preset(stem: str = "hybrid") -> Preset:
     Time budgets become step counts from the rate measured on the machine at hand.
 
     The earlier recipes, kept so their numbers in the README can be reproduced: `stem="patch"`
-    ("cpu-patch", the model bundled before session 6: linear patchify, no stage 0; its patches never learned
-    shape) and `stem="conv"` ("cpu-stem": a conv stem alone, whose patches learned shape but lost
-    colour). Both keep the settings they were measured with: no blank crops, 30 minutes of CLIP-Count.
+    ("cpu-patch", the model bundled before session 6: linear patchify, no stage 0; its patches never
+    learned shape) and `stem="conv"` ("cpu-stem": a conv stem alone, whose patches learned shape but
+    lost colour). Both keep the settings they were measured with: float32 on a CPU, no blank crops, one stage-0
+    data worker, 30 minutes of CLIP-Count.
     """
     from clipcount.engine.inference import cpu_has_native_bf16
 
     vision = VisionConfig(image_size=256, patch_size=16, width=128, layers=4, heads=4, stem=stem)
     clip, model = _cpu_sized(vision)
-    bundled = stem == "hybrid"  # the earlier recipes keep the settings their README numbers came from
-    # bf16 autocast where the CPU has it natively: 1.25x the steps of float32 on these 2 cores
-    # (CLIP-Count 1.31 vs 1.05 steps/s, CLIP pretraining 1.09 vs 0.86)
-    precision = "bf16" if bundled and cpu_has_native_bf16() else "auto"
     # sigma 4 px: the decoder's finest map is a third of the window here (128 px for 384), where a
     # 2 px Gaussian is under one pixel wide; counts (the sums) do not depend on it.
     train = TrainConfig(contrastive_epochs=1, density_epochs=5, batch_size=8, lr=1e-3, lr_decay_every=4,
                         density_sigma=4.0, num_workers=1, checkpoint_every=100, log_every=10,
                         mosaic_prob=0.0, augment_prob=0.0, prompts_per_image=4, negative_share=0.4,
-                        hard_negative_share=0.6, background_share=0.2 if bundled else 0.0, precision=precision)
+                        hard_negative_share=0.6)
     world = {"max_width": 768, "min_size": 10.0, "max_size": 40.0, "max_per_class": 40}
     stage_zero = {"time_budget_s": 780.0, "stem_steps": 20000, "stem_time_budget_s": 420.0} if stem != "patch" else {}
-    if bundled:  # stage 0 waits on drawing scenes: more workers, one main thread (pretrain.PretrainConfig)
+    main_seconds = 1800.0
+    if stem == "hybrid":  # the bundled recipe; the earlier ones keep the settings their README numbers came from
+        # bf16 autocast where the CPU has it natively: 1.25x the steps of float32 on these 2 cores
+        # (CLIP-Count 1.31 vs 1.05 steps/s, CLIP pretraining 1.09 vs 0.86)
+        precision = "bf16" if cpu_has_native_bf16() else "auto"
+        train = dataclasses.replace(train, background_share=0.2, precision=precision)
+        # stage 0 waits on drawing scenes: more workers, one main thread (pretrain.PretrainConfig)
         stage_zero.update(stem_workers=_cores() + 1, stem_threads=1, precision=precision)
+        main_seconds = 2100.0
     pretrain = PretrainConfig(steps=20000, batch_size=32, lr=1e-3, warmup_steps=30, num_workers=1,
                               checkpoint_every=100, log_every=10, time_budget_s=1200.0, calibration_steps=15,
                               region_weight=1.0)
@@ -155,7 +159,7 @@ def cpu_preset(stem: str = "hybrid") -> Preset:
         name=CPU_PRESET_NAMES[stem], clip=clip, model=model, train=train, steps_per_epoch=300, world=world,
         ablations=(), pretrain=dataclasses.replace(pretrain, **stage_zero),
         bench_n=100, train_mean_n=300, zero_shot_n=60,
-        time_budget={"main": 2100.0 if bundled else 1800.0, "ablations": 600.0},
+        time_budget={"main": main_seconds, "ablations": 600.0},
     )
 
 
