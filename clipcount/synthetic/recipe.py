@@ -57,6 +57,7 @@ from clipcount.synthetic.variants import (
     fast_gpu_settings,
     main_variant,
     measure_train_rate,
+    steps_per_epoch_within,
     train_concurrently,
     train_variant,
     variant_spec,
@@ -107,7 +108,8 @@ class RecipeState:
 def calibrate(preset: Preset, state: RecipeState, out_dir: Path, clip_folder: Path, device: torch.device,
               say: Callable[[str], None]) -> Preset:
     """The preset with steps per epoch that fit its time budget (measured once, then read from
-    recipe.json). Concurrent ablations share the GPU and the cores: each is assumed to run at the
+    recipe.json). Each stage's rate is measured (the contrastive stage runs ~3x faster than the
+    density stage). Concurrent ablations share the GPU and the cores: each is assumed to run at the
     smaller of its share of the data workers and its share of the GPU, less 10%."""
     if not preset.time_budget:
         return preset
@@ -115,19 +117,28 @@ def calibrate(preset: Preset, state: RecipeState, out_dir: Path, clip_folder: Pa
         t0 = time.time()
         spec = variant_spec(main_variant(preset), preset, out_dir, clip_folder, state.get("train_mean_count"),
                             str(device), False, False)
-        rate = measure_train_rate(spec, out_dir / "calibration")
-        epochs = preset.train.contrastive_epochs + preset.train.density_epochs
+        train = preset.train
+        density_rate = measure_train_rate(spec, out_dir / "calibration")
+        contrastive_rate = (measure_train_rate(spec, out_dir / "calibration", "contrastive")
+                            if train.contrastive_epochs else density_rate)
+        epochs = train.contrastive_epochs + train.density_epochs
         main_seconds = preset.time_budget["main"] - EPOCH_START_SECONDS * epochs
         n_variants = len(preset.ablations) + 1
-        workers = preset.ablation_workers or preset.train.num_workers
-        share = min(workers / max(1, preset.train.num_workers), 1.0 / n_variants)
+        workers = preset.ablation_workers or train.num_workers
+        share = min(workers / max(1, train.num_workers), 1.0 / n_variants)
         ablation_seconds = preset.time_budget["ablations"] - EPOCH_START_SECONDS * epochs
-        state.set("measured_steps_per_second", round(rate, 2))
-        state.set("steps_per_epoch", max(1, int(rate * main_seconds / epochs)))
-        state.set("ablation_steps_per_epoch", max(1, int(0.9 * share * rate * ablation_seconds / epochs)))
+
+        def fit(seconds: float, speed: float) -> int:
+            return steps_per_epoch_within(seconds, train.contrastive_epochs, train.density_epochs,
+                                          speed * contrastive_rate, speed * density_rate)
+
+        state.set("measured_steps_per_second", round(density_rate, 2))
+        state.set("measured_contrastive_steps_per_second", round(contrastive_rate, 2))
+        state.set("steps_per_epoch", fit(main_seconds, 1.0))
+        state.set("ablation_steps_per_epoch", fit(ablation_seconds, 0.9 * share))
         state.set("calibration_seconds", round(time.time() - t0, 1))
-        say(f"measured {rate:.1f} training steps/s: main {state.get('steps_per_epoch')} steps per epoch, "
-            f"ablations {state.get('ablation_steps_per_epoch')}")
+        say(f"measured {density_rate:.1f} density / {contrastive_rate:.1f} contrastive training steps/s: "
+            f"main {state.get('steps_per_epoch')} steps per epoch, ablations {state.get('ablation_steps_per_epoch')}")
     return dataclasses.replace(preset, steps_per_epoch=state.get("steps_per_epoch"),
                                ablation_steps_per_epoch=state.get("ablation_steps_per_epoch"))
 

@@ -265,12 +265,16 @@ CALIBRATION_STEPS, CALIBRATION_SKIP = 60, 20  # long enough to see the data work
 EPOCH_START_SECONDS = 2.0  # DataLoader workers start again every epoch
 
 
-def measure_train_rate(spec: dict[str, Any], scratch: Path) -> float:
-    """Density-stage training steps per second of a variant on this machine (data generation
-    included): CALIBRATION_STEPS steps of a throwaway copy, timed after the first CALIBRATION_SKIP."""
+def measure_train_rate(spec: dict[str, Any], scratch: Path, stage: str = "density") -> float:
+    """Training steps per second of a variant's `stage` ("contrastive" or "density") on this
+    machine (data generation included): CALIBRATION_STEPS steps of a throwaway copy, timed after
+    the first CALIBRATION_SKIP."""
+    if stage not in ("contrastive", "density"):
+        raise ValueError(f"stage must be 'contrastive' or 'density', not {stage!r}")
     probe = copy.deepcopy(spec)
-    probe["train"].update(contrastive_epochs=0, density_epochs=1, max_steps=CALIBRATION_STEPS, log_every=1,
-                          checkpoint_every=0)
+    contrastive = stage == "contrastive"
+    probe["train"].update(contrastive_epochs=int(contrastive), density_epochs=int(not contrastive),
+                          max_steps=CALIBRATION_STEPS, log_every=1, checkpoint_every=0)
     probe.update(steps_per_epoch=4 * CALIBRATION_STEPS, total_steps=CALIBRATION_STEPS, out=str(scratch),
                  resume=False, progress=False)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -286,6 +290,16 @@ def measure_train_rate(spec: dict[str, Any], scratch: Path) -> float:
     return (CALIBRATION_STEPS - CALIBRATION_SKIP) / max(span, 1e-6)
 
 
+def steps_per_epoch_within(seconds: float, contrastive_epochs: int, density_epochs: int,
+                           contrastive_rate: float, density_rate: float) -> int:
+    """The most steps per epoch (shared by both stages) whose epochs fit in `seconds`, given each
+    stage's steps per second. The contrastive stage skips the decoder and runs ~3x faster than the
+    density stage, so sizing every epoch at the density rate would leave its time unused."""
+    seconds_per_step_of_each_epoch = (contrastive_epochs / max(contrastive_rate, 1e-9)
+                                      + density_epochs / max(density_rate, 1e-9))
+    return max(1, int(seconds / max(seconds_per_step_of_each_epoch, 1e-9)))
+
+
 __all__ = [
     "CALIBRATION_SKIP",
     "CALIBRATION_STEPS",
@@ -296,6 +310,7 @@ __all__ = [
     "fast_gpu_settings",
     "main_variant",
     "measure_train_rate",
+    "steps_per_epoch_within",
     "synthetic_extra",
     "train_concurrently",
     "train_variant",

@@ -208,7 +208,8 @@ def test_presets_fit_the_bundle_and_validate():
     # benchmark; the earlier recipes keep their own settings so the README's numbers reproduce
     cpu = get_preset("cpu")
     assert cpu.train.background_share > 0
-    assert cpu.pretrain.time_budget_s + cpu.pretrain.stem_time_budget_s + cpu.time_budget["main"] <= 3300
+    # (the budgets leave ~5 minutes for probes, calibration and the benchmark)
+    assert cpu.pretrain.time_budget_s + cpu.pretrain.stem_time_budget_s + cpu.time_budget["main"] <= 3200
     for name in ("cpu-patch", "cpu-stem"):
         earlier = get_preset(name)
         assert earlier.train.background_share == 0 and earlier.time_budget["main"] == 1800
@@ -240,6 +241,7 @@ def test_recipe_runs_end_to_end_and_exports_a_demo(tmp_path, monkeypatch):
 
     values = payload["recipe"]["values"]
     assert values["measured_steps_per_second"] > 0 and values["steps_per_epoch"] >= 1
+    assert values["measured_contrastive_steps_per_second"] > 0  # each stage's rate is measured
     assert not (tmp_path / "run" / "calibration").exists()  # the probe's folder is cleaned up
     config = json.loads((tmp_path / "run" / "main" / "final" / "config.json").read_text())
     epochs = preset.train.contrastive_epochs + preset.train.density_epochs
@@ -291,3 +293,16 @@ def test_cli_has_the_synthetic_commands():
     assert parser.parse_args(["synthetic", "export-demo", "run"]).func.__name__ == "run_export_command"
     assert parser.parse_args(["synthetic", "make-dataset", "out", "--n", "2"]).n == 2
 
+
+
+def test_steps_per_epoch_fill_the_budget_at_each_stages_own_rate():
+    """One contrastive epoch at 3 steps/s and five density epochs at 1 step/s: 100 steps per epoch
+    take 100/3 + 500 seconds. Sizing all six at the density rate would leave the time one
+    contrastive epoch saves unused."""
+    from clipcount.synthetic.variants import steps_per_epoch_within
+
+    seconds = 100 / 3 + 500
+    assert steps_per_epoch_within(seconds + 0.01, 1, 5, 3.0, 1.0) == 100
+    assert steps_per_epoch_within(seconds, 1, 5, 1.0, 1.0) < 100  # the old sizing
+    assert steps_per_epoch_within(600, 0, 6, 3.0, 1.0) == 100  # no contrastive epoch: its rate is irrelevant
+    assert steps_per_epoch_within(0.0, 1, 5, 3.0, 1.0) == 1  # never zero steps
