@@ -154,18 +154,39 @@ def test_bf16_predictor_stays_close_to_float32(model):
         assert abs(float(ours.sum()) - float(reference.sum())) <= 0.03 * float(reference.sum())
 
 
-def test_cross_attention_to_one_token_is_its_value():
-    """The inference shortcut for a single text token equals full attention (what training runs)."""
+def test_cross_attention_to_one_token_is_its_value_with_the_same_gradients():
+    """The shortcut for a single text token (inference and training) equals full attention, in the
+    output and in the gradients of the input, the text and every weight that gets one."""
     from clipcount.modeling.interaction import CrossAttention
 
     torch.manual_seed(0)
-    attention = CrossAttention(16, heads=2)  # dropout 0: training mode is plain full attention
-    x, text = torch.randn(3, 10, 16), torch.randn(3, 1, 16)
-    with torch.no_grad():
-        full = attention.train()(x, text)
-        shortcut = attention.eval()(x, text)
-    assert shortcut.shape == full.shape == (3, 10, 16)
-    assert torch.allclose(shortcut, full, atol=1e-6)
+    attention = CrossAttention(16, heads=2)  # dropout 0
+    x, text = torch.randn(3, 10, 16, requires_grad=True), torch.randn(3, 1, 16, requires_grad=True)
+    for mode in (attention.train, attention.eval):
+        mode()
+        weight = torch.randn(3, 10, 16)
+        shortcut = attention(x, text)
+        full = attention.full_attention(x, text)
+        assert shortcut.shape == full.shape == (3, 10, 16)
+        assert torch.allclose(shortcut, full, atol=1e-6)
+        wanted = [x, text, attention.wv.weight, attention.proj.weight]
+        ours = torch.autograd.grad((shortcut * weight).sum(), wanted, allow_unused=True)
+        reference = torch.autograd.grad((full * weight).sum(), wanted, retain_graph=True)
+        for a, b, leaf in zip(ours, reference, wanted):  # the queries (x) do not change the output
+            assert torch.allclose(torch.zeros_like(leaf) if a is None else a, b, atol=1e-5)
+        (query_grad,) = torch.autograd.grad((full * weight).sum(), [attention.wq.weight])
+        # what the shortcut leaves out only ever gets zero gradients (up to rounding)
+        assert torch.allclose(query_grad, torch.zeros_like(query_grad), atol=1e-5)
+
+
+def test_cross_attention_with_dropout_trains_on_full_attention():
+    """Attention dropout could drop the one key's weight, so training with it takes the full path."""
+    from clipcount.modeling.interaction import CrossAttention
+
+    attention = CrossAttention(16, heads=2, dropout=0.5).train()
+    out = attention(torch.randn(2, 6, 16), torch.randn(2, 1, 16))
+    (query_grad,) = torch.autograd.grad(out.sum(), [attention.wq.weight], allow_unused=True)
+    assert query_grad is not None  # the queries were computed
 
 
 def test_quick_gelu_mlp_folds_its_scale_into_the_matmuls():
