@@ -210,6 +210,11 @@ def test_presets_fit_the_bundle_and_validate():
     assert cpu.train.background_share > 0
     # (the budgets leave ~5 minutes for probes, calibration and the benchmark)
     assert cpu.pretrain.time_budget_s + cpu.pretrain.stem_time_budget_s + cpu.time_budget["main"] <= 3200
+    # the GPU preset trains what the bundled recipe trains (a GPU run must not lose prompt fidelity)
+    full = get_preset("full")
+    assert full.clip.vision.stem == "hybrid" and full.pretrain.stem_steps > 0 and full.pretrain.region_weight > 0
+    for field in ("prompts_per_image", "negative_share", "hard_negative_share", "background_share"):
+        assert getattr(full.train, field) == getattr(cpu.train, field), field
     for name in ("cpu-patch", "cpu-stem"):
         earlier = get_preset(name)
         assert earlier.train.background_share == 0 and earlier.time_budget["main"] == 1800
