@@ -148,8 +148,8 @@ def cpu_preset(stem: str = "hybrid") -> Preset:
         # bf16 autocast where the CPU has it natively: 1.25x the steps of float32 on these 2 cores
         # (CLIP-Count 1.31 vs 1.05 steps/s, CLIP pretraining 1.09 vs 0.86)
         precision = "bf16" if cpu_has_native_bf16() else "auto"
-        # the learning rate drops after 3 of 6 epochs, not 4: more steps at the low rate measured better
-        # on every benchmark row (seen NAE 0.275 -> 0.195 on one CLIP; README)
+        # the learning rate drops after 3 of 6 epochs, not 4 (seen NAE 0.195 and 0.275 with two seeds
+        # on one CLIP, against 0.275 before: within run-to-run spread; README)
         train = dataclasses.replace(train, background_share=0.2, precision=precision, lr_decay_every=3)
         # stage 0 waits on drawing scenes: more workers, one main thread (pretrain.PretrainConfig)
         stage_zero.update(stem_workers=_cores() + 1, stem_threads=1, precision=precision)
