@@ -43,6 +43,12 @@ DENSITY_SIGMA = 2.0
 # shape with one present: without such prompts a model is rewarded for counting whatever is there,
 # and the first bundled model counted the dominant class of the prompt-fidelity scenes.
 ABSENT_PROB = 0.2
+# What makes the prompt matter, shared by the bundled `cpu` recipe and the GPU `full` one: four prompts
+# per crop, 40% of the further ones absent classes (zero targets), most of those one attribute off;
+# a fifth of the crops blank. And the world they train in: shapes 10-40 px, up to 40 per class.
+FIDELITY_TRAINING = {"prompts_per_image": 4, "negative_share": 0.4, "hard_negative_share": 0.6}
+BLANK_SHARE = 0.2
+FIDELITY_WORLD = {"max_width": 768, "min_size": 10.0, "max_size": 40.0, "max_per_class": 40}
 # Ablations the recipe knows (each one change against the main model, at one shared budget).
 ABLATIONS = ("no_contrastive", "one_scale", "no_visual_prompts", "single_prompt", "no_hard_negatives")
 REFERENCE = "full_same_budget"  # the full recipe at the ablations' budget, when it differs from main's
@@ -139,9 +145,8 @@ def cpu_preset(stem: str = "hybrid") -> Preset:
     # 2 px Gaussian is under one pixel wide; counts (the sums) do not depend on it.
     train = TrainConfig(contrastive_epochs=1, density_epochs=5, batch_size=8, lr=1e-3, lr_decay_every=4,
                         density_sigma=4.0, num_workers=1, checkpoint_every=100, log_every=10,
-                        mosaic_prob=0.0, augment_prob=0.0, prompts_per_image=4, negative_share=0.4,
-                        hard_negative_share=0.6)
-    world = {"max_width": 768, "min_size": 10.0, "max_size": 40.0, "max_per_class": 40}
+                        mosaic_prob=0.0, augment_prob=0.0, **FIDELITY_TRAINING)
+    world = dict(FIDELITY_WORLD)
     stage_zero = {"time_budget_s": 780.0, "stem_steps": 20000, "stem_time_budget_s": 420.0} if stem != "patch" else {}
     main_seconds = 1800.0
     if stem == "hybrid":  # the bundled recipe; the earlier ones keep the settings their README numbers came from
@@ -150,7 +155,7 @@ def cpu_preset(stem: str = "hybrid") -> Preset:
         precision = "bf16" if cpu_has_native_bf16() else "auto"
         # the learning rate drops after 3 of 6 epochs, not 4 (seen NAE 0.195 and 0.275 with two seeds
         # on one CLIP, against 0.275 before: within run-to-run spread; README)
-        train = dataclasses.replace(train, background_share=0.2, precision=precision, lr_decay_every=3)
+        train = dataclasses.replace(train, background_share=BLANK_SHARE, precision=precision, lr_decay_every=3)
         # stage 0 waits on drawing scenes: more workers, one main thread (pretrain.PretrainConfig)
         stage_zero.update(stem_workers=_cores() + 1, stem_threads=1, precision=precision)
         main_seconds = 2000.0  # calibration fills it (each stage at its own rate); ~58 minutes in all
@@ -217,8 +222,7 @@ def full_preset() -> Preset:
     )
     train = TrainConfig(contrastive_epochs=1, density_epochs=5, batch_size=32, lr=4e-4, lr_decay_every=4,
                         density_sigma=DENSITY_SIGMA, num_workers=workers, checkpoint_every=500, log_every=25,
-                        mosaic_prob=0.0, augment_prob=0.0, prompts_per_image=4, negative_share=0.4,
-                        hard_negative_share=0.6, background_share=0.2)
+                        mosaic_prob=0.0, augment_prob=0.0, background_share=BLANK_SHARE, **FIDELITY_TRAINING)
     pretrain = PretrainConfig(steps=8000, batch_size=256, lr=5e-4, warmup_steps=60, crops_per_scene=3,
                               num_workers=workers, checkpoint_every=200, log_every=25, time_budget_s=120.0,
                               calibration_steps=60, region_weight=1.0, stem_steps=40000, stem_time_budget_s=120.0,
@@ -226,7 +230,7 @@ def full_preset() -> Preset:
     return Preset(
         name="full", clip=clip, model=model, train=train, steps_per_epoch=600, crops_per_scene=3,
         pretrain=pretrain, ablation_steps_per_epoch=150, ablation_workers=max(1, (workers - 1) // 4),
-        world={"max_width": 768, "min_size": 10.0, "max_size": 40.0, "max_per_class": 40},
+        world=dict(FIDELITY_WORLD),
         bench_n=100, train_mean_n=600, zero_shot_n=180,
         time_budget={"main": 300.0, "ablations": 60.0},
     )

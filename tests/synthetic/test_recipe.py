@@ -299,7 +299,6 @@ def test_cli_has_the_synthetic_commands():
     assert parser.parse_args(["synthetic", "make-dataset", "out", "--n", "2"]).n == 2
 
 
-
 def test_steps_per_epoch_fill_the_budget_at_each_stages_own_rate():
     """One contrastive epoch at 3 steps/s and five density epochs at 1 step/s: 100 steps per epoch
     take 100/3 + 500 seconds. Sizing all six at the density rate would leave the time one
