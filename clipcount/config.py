@@ -133,6 +133,13 @@ class ClipCountConfig:
     # evaluation's padding and sigmoid blending; converted published checkpoints use it so that
     # their published scores are reproduced). Counting and evaluation can override it.
     windowing: Literal["clipcount", "published"] = "clipcount"
+    # Give the decoder the patch-text similarity map (cosine of the contrastive patch features and
+    # the text, one extra channel beside each interaction map). The published model's text reaches
+    # the patches only through cross-attention to its one text token, where the softmax over one key
+    # is 1: every patch gets the same text vector added, whatever it shows. The similarity map is a
+    # per-patch answer to "is this what the text names", trained by the contrastive stage. Off in
+    # the published model (and by default); ClipCount.maps_from_shared.
+    text_similarity: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -231,6 +238,13 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     max_steps: int | None = None  # stop early (smoke runs)
+    # Stop once this many seconds of training have passed (summed over resumed calls): a run sized
+    # from a measured rate still honours its time budget when the machine slows down. The epoch
+    # then in progress is cut short.
+    max_seconds: float | None = None
+    # Exponential moving average of the trainable weights (engine/weight_average.py), saved as the
+    # final model; 0 = none (published). ~1 / (1 - decay) steps are averaged.
+    ema_decay: float = 0.0
 
 
 # What `clipcount train --init CKPT` changes in TrainConfig's published from-scratch recipe. A trained
@@ -354,6 +368,9 @@ def _check_model_settings(config: "ClipCountConfig") -> None:
     if config.prompts.visual_layers > vision.layers:
         raise ConfigError(f"setting prompts.visual_layers = {config.prompts.visual_layers} is more than "
                           f"clip.vision.layers = {vision.layers}")
+    if config.compat and config.text_similarity:
+        raise ConfigError("setting text_similarity = true has no place in a published (compat) model, which has no "
+                          "similarity channel; turn one of them off")
 
 
 def _divisor_near(width: int, heads: int) -> int:

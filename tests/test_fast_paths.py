@@ -30,11 +30,13 @@ WINDOW = 64  # the tiny model's window
 STRIDE = WINDOW // 3
 
 
-def make_model(compat: bool = False) -> ClipCount:
+def make_model(compat: bool = False, text_similarity: bool = False) -> ClipCount:
     """A random tiny model; the default (linear) head starts at a small positive density, as training
     starts it, so that counts are well away from 0 and relative tolerances mean something."""
     torch.manual_seed(0)
-    model = ClipCount(tiny_config(compat))
+    config = tiny_config(compat)
+    config.text_similarity = text_similarity
+    model = ClipCount(config)
     if not compat:
         init_density_head(model, 0.05)
     return model.eval()
@@ -63,10 +65,10 @@ def assert_same_counts(fast: list[torch.Tensor], plain: list[torch.Tensor]) -> N
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
 
 
-@pytest.mark.parametrize("compat", [False, True])
+@pytest.mark.parametrize(("compat", "similarity"), [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("size", [(64, 40), (64, 64), (80, 150), (50, 160)])
-def test_predictor_counts_equal_the_plain_path(size, compat):
-    model = make_model(compat)
+def test_predictor_counts_equal_the_plain_path(size, compat, similarity):
+    model = make_model(compat, similarity)
     img = image(*size, seed=size[1])
     # max_batch 4: windows and (prompt, window) pairs are split over several forward passes
     predictor = DensityPredictor(model, stride=STRIDE, max_batch=4, device="cpu", precision="fp32")

@@ -41,6 +41,8 @@ _OVERRIDES = {
     "lr": "lr",
     "weight_decay": "weight_decay",
     "max_steps": "max_steps",
+    "max_seconds": "max_seconds",
+    "ema_decay": "ema_decay",
     "workers": "num_workers",
     "checkpoint_every": "checkpoint_every",
     "log_every": "log_every",
@@ -93,6 +95,9 @@ def register(subparsers) -> None:
                        "linear, so that empty background learns to count 0 within a short fine-tune)")
     model.add_argument("--tune-prompts", action="store_true",
                        help="with --init: train the image tower's visual prompts too (default: keep them; faster)")
+    model.add_argument("--text-similarity", action="store_true",
+                       help="a new model's decoder also sees the patch-text similarity map (not in the published "
+                       "model; see ClipCountConfig.text_similarity)")
     model.add_argument("--resume", action="store_true", help="continue from OUT/last (starts fresh if there is none)")
     model.add_argument("--tiny", action="store_true",
                        help="a tiny random model (smoke tests; no --clip needed); a `model:` section adjusts it")
@@ -126,6 +131,11 @@ def register(subparsers) -> None:
                        help="weight of a count loss ((predicted - true)^2) beside the density MSE, which "
                        "cannot see a faint floor of density that adds objects to every image (0)")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
+    train.add_argument("--max-seconds", type=float,
+                       help="stop after this many seconds of training in all (summed over --resume calls)")
+    train.add_argument("--ema-decay", type=float,
+                       help="keep a moving average of the trained weights (e.g. 0.998) and save it as the "
+                       "final model; last/ keeps the raw weights (0: none, as published)")
     train.add_argument("--workers", type=int, help="data loading processes (2)")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (500)")
     train.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines (10)")
@@ -254,6 +264,8 @@ def make_model(args: argparse.Namespace, model_section: dict[str, Any]):
 
         return load_model(resolve_model(args.init))
     base = (tiny_config() if args.tiny else ClipCountConfig()).to_dict()
+    if args.text_similarity:
+        model_section = {**model_section, "text_similarity": True}
     try:
         config = ClipCountConfig.from_dict(_merged(base, model_section))
     except (TypeError, ValueError) as error:

@@ -107,6 +107,15 @@ def mean_across(ctx: DistContext, value: float, device: torch.device) -> float:
     return float(tensor.item()) / ctx.world_size
 
 
+def rank0_decides(ctx: DistContext, flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every process (e.g. a clock-based stop, which must agree); every process must call it."""
+    if not ctx.enabled:
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
 def gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
     """Every process's `obj`, in rank order (pickled in transit only, never written to disk)."""
     if not ctx.enabled:

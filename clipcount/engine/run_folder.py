@@ -31,6 +31,7 @@ from clipcount.engine.distributed import (
     mean_across,
 )
 from clipcount.engine.trainer_state import load_trainer_state, save_trainer_state
+from clipcount.engine.weight_average import WeightAverage
 from clipcount.errors import CheckpointError, ConfigError
 from clipcount.modeling.checkpoint import WEIGHTS_NAME, save_model
 from clipcount.modeling.clip_count import ClipCount
@@ -46,6 +47,7 @@ class Position:
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    seconds: float = 0.0  # training time in all, over every resumed call (for TrainConfig.max_seconds)
 
 
 # ---- RNG ----------------------------------------------------------------------------------------
@@ -79,11 +81,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---- checkpoints --------------------------------------------------------------------------------
 
 def save_checkpoint(out_dir: Path, name: str, model: ClipCount, optimizer, scheduler, pos: Position,
-                    cfg: TrainConfig, ctx: DistContext) -> Path:
+                    cfg: TrainConfig, ctx: DistContext, average: WeightAverage | None = None) -> Path:
     """Write out_dir/<name> whole: into a temporary folder, then renamed into place.
 
     Every process must call it (the RNG states of all ranks are gathered); rank 0 writes.
-    With an optimizer the trainer state is written too (for resuming).
+    With an optimizer the trainer state is written too (for resuming), holding `average` if given.
     """
     rngs = gather_objects(ctx, rng_state()) if optimizer is not None else None
     target = out_dir / name
@@ -102,6 +104,8 @@ def save_checkpoint(out_dir: Path, name: str, model: ClipCount, optimizer, sched
                 "train_config": _config_dict(cfg),
                 "world_size": ctx.world_size,
             }
+            if average is not None:
+                state["weight_average"] = average.state_dict()
             save_trainer_state(tmp, state)
         swap_in(tmp, target)
     barrier(ctx)
@@ -131,8 +135,10 @@ def find_checkpoint(out_dir: Path, name: str = LAST) -> Path | None:
 
 
 def resume_from(out_dir: Path, model: ClipCount, optimizer, scheduler, cfg: TrainConfig, ctx: DistContext,
-            device: torch.device, progress: bool) -> Position:
-    """Load the model, optimizer, scheduler, RNG and position from out_dir/last."""
+                device: torch.device, progress: bool, average: WeightAverage | None = None) -> Position:
+    """Load the model, optimizer, scheduler, RNG, position and `average` (if any) from out_dir/last.
+
+    A checkpoint saved without a weight average starts `average` from the loaded weights."""
     from safetensors.torch import load_file
 
     from clipcount.modeling.weights import load_state_strict
@@ -153,6 +159,7 @@ def resume_from(out_dir: Path, model: ClipCount, optimizer, scheduler, cfg: Trai
     load_state_strict(model, tensors, str(weights))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    _resume_average(average, state, folder, ctx.is_main and progress)
     rngs = state["rng"] or []
     if ctx.rank < len(rngs):
         set_rng_state(rngs[ctx.rank])
@@ -161,6 +168,17 @@ def resume_from(out_dir: Path, model: ClipCount, optimizer, scheduler, cfg: Trai
     if ctx.is_main and progress:
         print(f"clipcount: resuming from {folder} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
     return pos
+
+
+def _resume_average(average: WeightAverage | None, state: dict[str, Any], folder: Path, say: bool) -> None:
+    if average is None:
+        return
+    if "weight_average" in state:
+        average.load_state_dict(state["weight_average"])
+    else:
+        average.load_state_dict({"weights": dict(zip(average.names, average.params)), "updates": 0})
+        if say:
+            print(f"clipcount: {folder} holds no weight average; the average starts from its weights")
 
 
 def _check_resumable(state: dict[str, Any], cfg: TrainConfig, ctx: DistContext, pos: Position, folder: Path) -> None:

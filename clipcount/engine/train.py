@@ -51,6 +51,7 @@ from clipcount.engine.distributed import (
     device_for,
     env_context,
     init_from_env,
+    rank0_decides,
 )
 from clipcount.engine.losses import (
     count_mse_loss,
@@ -67,6 +68,7 @@ from clipcount.engine.run_folder import (
     save_checkpoint,
     seed_everything,
 )
+from clipcount.engine.weight_average import WeightAverage
 from clipcount.errors import ClipCountError, ConfigError
 from clipcount.modeling.clip_count import ClipCount
 
@@ -182,6 +184,7 @@ def train(
     local_batch = _local_batch(cfg.batch_size, ctx.world_size)
     if len(dataset) == 0:
         raise ConfigError("the training dataset is empty; check the dataset root and split")
+    _check_limits(cfg)
     if not resume and find_checkpoint(out_dir, LAST) is not None:
         raise ConfigError(f"{out_dir} already holds a training run; resume it (--resume) or choose another output folder")
     barrier(ctx)  # every process has looked before rank 0 writes anything
@@ -194,9 +197,10 @@ def train(
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, cfg.lr_decay_every), gamma=cfg.lr_decay)
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     pos = Position()
     if resume:
-        pos = resume_from(out_dir, model, optimizer, scheduler, cfg, ctx, device, progress)
+        pos = resume_from(out_dir, model, optimizer, scheduler, cfg, ctx, device, progress, average)
     objective = TrainingObjective(model, cfg.contrastive_temperature, _autocast_dtype(cfg.precision, device),
                                   cfg.count_weight)
     runner: nn.Module = objective
@@ -211,15 +215,19 @@ def train(
     batches_per_epoch = math.ceil(_sampler(dataset, cfg, ctx, 0).num_samples / local_batch)
     bar = _progress_bar(progress and ctx.is_main, pos, cfg, total_epochs, batches_per_epoch)
     last_saved = -1
+    clock = _Clock(pos.seconds)
     try:
-        while pos.epoch < total_epochs and not _reached(pos, cfg):
+        while pos.epoch < total_epochs and not _reached(pos, cfg, ctx, device):
             stage = "contrastive" if pos.epoch < cfg.contrastive_epochs else "density"
             weights = _stage_weights(stage, cfg)
             loader = _epoch_loader(dataset, cfg, ctx, pos, local_batch, device)
             for batch in loader:
                 total, contrastive, mse = _train_step(runner, optimizer, batch, weights, device, pos)
+                if average is not None:
+                    average.update()
                 result.losses.append(total)
                 pos.step += 1
+                pos.seconds = clock.seconds()
                 pos.batch += 1
                 lr = optimizer.param_groups[0]["lr"]
                 if pos.batch == batches_per_epoch:
@@ -230,17 +238,19 @@ def train(
                     bar.update(1)
                     bar.set_postfix(stage=stage, epoch=pos.epoch, loss=f"{total:.4g}", lr=f"{lr:.2g}")
                 if cfg.checkpoint_every > 0 and pos.step % cfg.checkpoint_every == 0:
-                    result.last_checkpoint = save_checkpoint(out_dir, LAST, model, optimizer, scheduler, pos, cfg, ctx)
+                    result.last_checkpoint = save_checkpoint(out_dir, LAST, model, optimizer, scheduler, pos, cfg,
+                                                             ctx, average)
                     last_saved = pos.step
-                if _reached(pos, cfg):
+                if _reached(pos, cfg, ctx, device):
                     break
     finally:
         if bar is not None:
             bar.close()
         logger.close()
     if last_saved != pos.step:
-        result.last_checkpoint = save_checkpoint(out_dir, LAST, model, optimizer, scheduler, pos, cfg, ctx)
-    result.final_checkpoint = save_checkpoint(out_dir, FINAL, model, None, None, pos, cfg, ctx)
+        result.last_checkpoint = save_checkpoint(out_dir, LAST, model, optimizer, scheduler, pos, cfg, ctx, average)
+    with average.applied() if average is not None else nullcontext():
+        result.final_checkpoint = save_checkpoint(out_dir, FINAL, model, None, None, pos, cfg, ctx)
     result.step, result.epoch = pos.step, pos.epoch
     result.finished = pos.epoch >= total_epochs
     result.seconds = time.time() - started
@@ -271,8 +281,33 @@ def _stage_weights(stage: str, cfg: TrainConfig) -> tuple[float, float]:
     return float(cfg.contrastive_weight_stage2), 1.0
 
 
-def _reached(pos: Position, cfg: TrainConfig) -> bool:
-    return cfg.max_steps is not None and pos.step >= cfg.max_steps
+def _check_limits(cfg: TrainConfig) -> None:
+    """Settings checked before anything is written."""
+    if cfg.ema_decay != 0 and not 0 < cfg.ema_decay < 1:
+        raise ConfigError(f"ema_decay must be in (0, 1) (e.g. 0.998), or 0 for no average, not {cfg.ema_decay}")
+    if cfg.max_seconds is not None and cfg.max_seconds <= 0:
+        raise ConfigError(f"max_seconds must be positive, not {cfg.max_seconds}")
+
+
+def _reached(pos: Position, cfg: TrainConfig, ctx: DistContext, device: torch.device) -> bool:
+    """max_steps or max_seconds reached. Every process must call it at the same points: with a time
+    limit the processes take rank 0's clock, so they all stop after the same step."""
+    if cfg.max_steps is not None and pos.step >= cfg.max_steps:
+        return True
+    if cfg.max_seconds is None:
+        return False
+    return rank0_decides(ctx, pos.seconds >= cfg.max_seconds, device)
+
+
+@dataclass
+class _Clock:
+    """Seconds of training in all: those of earlier calls (`before`) plus this call's."""
+
+    before: float
+    started: float = field(default_factory=time.monotonic)
+
+    def seconds(self) -> float:
+        return self.before + time.monotonic() - self.started
 
 
 def _local_batch(batch_size: int, world_size: int) -> int:

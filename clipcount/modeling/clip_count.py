@@ -59,7 +59,7 @@ class ClipCount(nn.Module):
         )
         self.register_buffer("patch_pos_embed", sincos_table(vision.grid_size**2, width, shape_only=on_meta_device()))
         self.interaction = HierarchicalInteraction(config.interaction, config.compat)
-        self.decoder = DensityDecoder(config.decoder, width, config.interaction.scales)
+        self.decoder = DensityDecoder(config.decoder, width + int(config.text_similarity), config.interaction.scales)
         if config.compat:  # present in the published checkpoint, unused in its forward pass
             self.unused = nn.ModuleDict({"decoder_norm": nn.LayerNorm(width), "decoder_ln_pre": nn.LayerNorm(width)})
             self.unused.requires_grad_(False)
@@ -135,20 +135,35 @@ class ClipCount(nn.Module):
     # ---- density ------------------------------------------------------------------------------
 
     def interaction_maps(self, patch_tokens: torch.Tensor, text: torch.Tensor) -> list[torch.Tensor]:
-        """Patch tokens (B, N, Cv), text (B, 1, E) -> maps (B, C, g * 2**k, g * 2**k), one per scale."""
+        """Patch tokens (B, N, Cv), text (B, 1, E) -> maps (B, C [+ 1], g * 2**k, g * 2**k), one per scale."""
         return self.maps_from_shared(self.shared_features(patch_tokens), text)
 
     def shared_features(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (B, N, Cv) -> (B, N, C): the start of the interaction that no prompt changes
-        (projection, positions, the first self-attention); computed once per window for all prompts."""
+        """Patch tokens (B, N, Cv) -> (B, N, C) or, with `text_similarity`, (B, N, C + E): the start of
+        the interaction that no prompt changes (projection, positions, the first self-attention), and
+        then the unit-length contrastive features; computed once per window for all prompts. One
+        tensor, so callers can cache, batch and repeat it without knowing what it holds."""
         grid = int(math.isqrt(patch_tokens.shape[1]))
         x = self.patch_feat_proj(patch_tokens) + self.patch_pos_embed.to(patch_tokens.dtype)
-        return self.interaction.start(x, (grid, grid))
+        x = self.interaction.start(x, (grid, grid))
+        if not self.config.text_similarity:
+            return x
+        contrast = F.normalize(self.contrastive_features(patch_tokens).to(x.dtype), dim=-1)  # (B, N, E)
+        return torch.cat([x, contrast], dim=-1)
 
     def maps_from_shared(self, shared: torch.Tensor, text: torch.Tensor) -> list[torch.Tensor]:
-        """`shared_features` (B, N, C), text (B, 1, E) -> the maps of `interaction_maps`."""
+        """`shared_features` (B, N, C [+ E]), text (B, 1, E) -> the maps of `interaction_maps`:
+        (B, C [+ 1], g * 2**k, g * 2**k), the similarity map (bilinear) as the last channel."""
         grid = int(math.isqrt(shared.shape[1]))
-        return self.interaction.finish(shared, (grid, grid), self.text_proj(text))
+        width = self.config.interaction.width
+        maps = self.interaction.finish(shared[..., :width], (grid, grid), self.text_proj(text))
+        if not self.config.text_similarity:
+            return maps
+        unit_text = F.normalize(text.to(shared.dtype), dim=-1)  # (B, 1, E)
+        similarity = (shared[..., width:] * unit_text).sum(-1)  # (B, N): cosine, as in the contrastive loss
+        similarity = similarity.view(-1, 1, grid, grid)
+        return [torch.cat([m, F.interpolate(similarity, size=m.shape[-2:], mode="bilinear", align_corners=False)],
+                          dim=1) for m in maps]
 
     def decode(self, maps: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
         return self.decoder(maps, out_size)

@@ -37,8 +37,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ddp_worker(rank: int, root: str, out: str, port: int) -> None:
-    """One training process, configured the way torchrun configures it."""
+def ddp_worker(rank: int, root: str, out: str, port: int, limits: bool = False) -> None:
+    """One training process, configured the way torchrun configures it. `limits`: a weight average,
+    and a time limit that only rank 0 has reached (ranks must follow rank 0's clock)."""
     from clipcount.engine.distributed import current_context, shutdown
     from clipcount.engine.train import train
 
@@ -53,6 +54,8 @@ def ddp_worker(rank: int, root: str, out: str, port: int) -> None:
     # 8 images, global batch 4 (2 per process): 2 steps an epoch; steps 1-2 contrastive, 3-4 density
     cfg = TrainConfig(contrastive_epochs=1, density_epochs=1, batch_size=4, lr=3e-3, num_workers=0,
                       checkpoint_every=2, log_every=1, seed=0)
+    if limits:
+        cfg.ema_decay, cfg.max_seconds = 0.9, (1e-9 if rank == 0 else 3600.0)
     result = train(model, dataset, cfg, out, device="cpu", progress=False)
     Path(out, f"hash_rank{rank}.json").write_text(json.dumps({"hash": weights_hash(model.state_dict()),
                                                                "step": result.step}))
@@ -74,3 +77,13 @@ def test_two_gloo_processes_train_to_identical_weights(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # one writer
     stages = [json.loads(line)["stage"] for line in lines]
     assert stages == ["contrastive", "contrastive", "density", "density"]
+
+
+def test_a_time_limit_stops_every_process_at_rank_0s_step(tmp_path):
+    root = write_fsc147(tmp_path / "FSC147")
+    out = tmp_path / "run"
+    mp.spawn(ddp_worker, args=(str(root), str(out), free_port(), True), nprocs=WORLD, join=True)
+    reports = [json.loads((out / f"hash_rank{rank}.json").read_text()) for rank in range(WORLD)]
+    assert reports[0]["step"] == reports[1]["step"] == 1  # no process waits for another's next step
+    assert reports[0]["hash"] == reports[1]["hash"]
+    assert load_trainer_state(out / "last")["weight_average"]["updates"] == 1

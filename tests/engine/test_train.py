@@ -97,7 +97,8 @@ def test_checkpoints_hold_the_trained_weights_and_trainer_state(trained):
         for key, value in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[key], value), (name, key)
     state = load_trainer_state(run / "last")
-    assert state["position"] == {"step": 30, "epoch": 15, "batch": 0}
+    assert state["position"]["step"] == 30 and state["position"]["seconds"] > 0
+    assert {k: state["position"][k] for k in ("epoch", "batch")} == {"epoch": 15, "batch": 0}
     assert state["train_config"]["lr"] == 3e-3
     assert not (run / "final" / "trainer_state.json").exists()
     assert not list(run.glob(".*"))  # no temporary folders left behind
@@ -128,18 +129,22 @@ def test_cli_train_reads_a_config_file_and_flags_override_it(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--dataset", "fsc147", "--root", str(root), "--out", str(out), "--tiny", "--config",
                  str(config), "--batch-size", "2", "--max-steps", "3", "--workers", "1", "--checkpoint-every", "2",
-                 "--no-progress"])
+                 "--ema-decay", "0.9", "--text-similarity", "--no-progress"])
     assert code == 0
     assert "stopped at step 3" in capsys.readouterr().out
     state = load_trainer_state(out / "last")
     assert state["position"]["step"] == 3
     assert state["train_config"]["lr"] == 0.01 and state["train_config"]["batch_size"] == 2
+    assert state["train_config"]["ema_decay"] == 0.9 and state["weight_average"]["updates"] == 3
     assert load_model(out / "final").config.decoder.activation == "softplus"
+    assert load_model(out / "final").config.text_similarity
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [([], "--clip"), (["--tiny", "--config", "{cfg}"], "unknown training settings")],
+    [([], "--clip"), (["--tiny", "--config", "{cfg}"], "unknown training settings"),
+     (["--tiny", "--ema-decay", "1.5"], "ema_decay must be in"),
+     (["--tiny", "--max-seconds", "0"], "max_seconds must be positive")],
 )
 def test_cli_train_errors_are_for_people(tmp_path, capsys, extra, message):
     root = write_fsc147(tmp_path / "FSC147", {"train": 2})
@@ -148,6 +153,7 @@ def test_cli_train_errors_are_for_people(tmp_path, capsys, extra, message):
     args = ["train", "--dataset", "fsc147", "--root", str(root), "--out", str(tmp_path / "run")]
     assert main(args + [a.replace("{cfg}", str(cfg)) for a in extra]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing half-written
 
 
 def test_cli_train_will_not_overwrite_a_run_without_resume(trained, capsys):

@@ -172,3 +172,51 @@ def test_config_round_trips_through_json():
     assert ClipCountConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown"):
         ClipCountConfig.from_dict({"colour": "red"})
+
+
+def similarity_model() -> ClipCount:
+    cfg = tiny_config()
+    cfg.text_similarity = True
+    torch.manual_seed(0)
+    return ClipCount(cfg).eval()
+
+
+def test_text_similarity_gives_the_decoder_the_patch_text_cosine_map():
+    model = similarity_model()
+    with torch.no_grad():
+        tokens, text = model.encode_image(images(2)), model.encode_text(["car", "red circles"])
+        maps = model.interaction_maps(tokens, text)
+        grid = int(tokens.shape[1] ** 0.5)
+        cosine = torch.nn.functional.cosine_similarity(model.contrastive_features(tokens), text, dim=-1)  # (B, N)
+    width = model.config.interaction.width
+    assert all(m.shape[1] == width + 1 for m in maps)
+    assert torch.allclose(maps[0][:, -1], cosine.view(2, grid, grid), atol=1e-5)
+    assert model.decoder.convs[0][0].in_channels == width + 1
+    # the map reaches the density: change the contrastive head and the density changes
+    before = model(images(2), ["car", "red circles"])
+    with torch.no_grad():
+        model.patch_feat_proj_contrast.weight.mul_(-1)
+    assert not torch.allclose(model(images(2), ["car", "red circles"]), before)
+
+
+def test_text_similarity_trains_the_contrastive_head_through_the_density():
+    model = similarity_model().train()
+    model(images(2), ["car", "red circles"]).sum().backward()
+    assert model.patch_feat_proj_contrast.weight.grad is not None
+    assert model.patch_feat_proj_contrast.weight.grad.abs().sum() > 0
+
+
+def test_text_similarity_round_trips_and_is_refused_in_compat_models(tmp_path):
+    model = similarity_model()
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m").eval()
+    assert loaded.config.text_similarity
+    with torch.no_grad():
+        assert torch.allclose(loaded(images(1), ["car"]), model(images(1), ["car"]), atol=1e-5)
+    cfg = tiny_config(compat=True)
+    cfg_dict = cfg.to_dict()
+    cfg_dict["text_similarity"] = True
+    from clipcount.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="text_similarity"):
+        ClipCountConfig.from_dict(cfg_dict)
