@@ -76,7 +76,9 @@ def export_demo(run_dir: str | os.PathLike, assets_dir: str | os.PathLike, dtype
         data["benchmark"] = {row: {k: r["model"].get(k) for k in ("mae", "rmse", "nae", "bias", "pred_mean")}
                              for row, r in results.items() if isinstance(r, dict) and "model" in r}
         recipe = payload.get("recipe", {})
-        data["recipe"] = {"command": f"clipcount synthetic recipe OUT --preset {recipe.get('preset')}",
+        reused = recipe.get("stages", {}).get("pretrain", {}).get("reused_from")
+        command = f"clipcount synthetic recipe OUT --preset {recipe.get('preset')}"
+        data["recipe"] = {"command": command + (f" --reuse-clip {Path(reused).name}" if reused else ""),
                           "wall_seconds": recipe.get("total_seconds"),
                           "stages": {k: v.get("seconds") for k, v in recipe.get("stages", {}).items()},
                           "machine": payload.get("machine"), "benchmark_seed": payload.get("seed"),

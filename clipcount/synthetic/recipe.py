@@ -145,6 +145,59 @@ def calibrate(preset: Preset, state: RecipeState, out_dir: Path, clip_folder: Pa
 
 # ---- the recipe -----------------------------------------------------------------------------------
 
+def start_from_clip(source: Path, out_dir: Path, preset: Preset) -> None:
+    """Begin `out_dir` with the finished CLIP stage (stages 0-1) of the recipe run `source`.
+
+    Why: the CLIP stage is half of the `cpu` recipe's hour, and runs vary from seed to seed (README),
+    so comparing CLIP-Count settings or seeds on one CLIP saves that half and removes one source of
+    variance. The preset must train the same CLIP in the same world (its clip, pretrain and world
+    settings equal the source's); its CLIP-Count settings may differ. recipe.json then holds the
+    source's pretrain stage (marked `reused_from`), so the export names the source and the run's
+    total time still counts the CLIP's training. Running the same command again resumes.
+    """
+    saved = reusable_clip_state(source, preset)
+    new = json.loads(json.dumps(preset.to_dict()))
+    state_file = out_dir / STATE_FILE
+    if state_file.is_file():
+        here = json.loads(state_file.read_text(encoding="utf-8"))
+        if here.get("stages", {}).get("pretrain", {}).get("reused_from") == str(source.resolve()):
+            return  # started from this source before: resume
+        raise ConfigError(f"{out_dir} already holds a recipe run; --reuse-clip starts a new run: "
+                          "choose a new output folder (or add --fresh to replace it)")
+    tmp = out_dir / ".clip.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source / "clip", tmp)
+    shutil.rmtree(out_dir / "clip", ignore_errors=True)
+    os.replace(tmp, out_dir / "clip")
+    values = {k: v for k, v in saved["values"].items() if k == "patch_probe_before"}
+    # The training-mean count is drawn from the world with the CLIP-Count seed: kept only if that is the same.
+    old = saved["preset"]
+    if old["train"].get("seed") == new["train"]["seed"] and old.get("train_mean_n") == new["train_mean_n"]:
+        values.update({k: v for k, v in saved["values"].items() if k == "train_mean_count"})
+    pretrain = {**saved["stages"]["pretrain"], "reused_from": str(source.resolve())}
+    state = RecipeState(out_dir, preset)
+    state.data.update(stages={"pretrain": pretrain}, values=values)
+    state.save()  # written last: a run interrupted before this holds no recipe.json and starts over
+
+
+def reusable_clip_state(source: Path, preset: Preset) -> dict[str, Any]:
+    """recipe.json of `source`, if its CLIP stage has finished with the clip, pretrain and world
+    settings `preset` asks for; ConfigError otherwise."""
+    path = source / STATE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{source} is not a recipe run (no {STATE_FILE}); --reuse-clip takes the folder a "
+                          "`clipcount synthetic recipe` run wrote")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if not saved.get("stages", {}).get("pretrain", {}).get("done") or not (source / "clip" / "final").is_dir():
+        raise ConfigError(f"{source} has not finished its CLIP stage; finish it first (run its recipe again)")
+    new = json.loads(json.dumps(preset.to_dict()))
+    differ = [part for part in ("clip", "pretrain", "world") if saved["preset"].get(part) != new.get(part)]
+    if differ:
+        raise ConfigError(f"{source}'s CLIP was trained with other {', '.join(differ)} settings than preset "
+                          f"{preset.name!r} (and --time-scale) ask for; reuse a run of the same preset")
+    return saved
+
+
 def run_recipe(
     out_dir: str | os.PathLike,
     preset: str | Preset = "small",
@@ -153,10 +206,12 @@ def run_recipe(
     progress: bool = True,
     stages: tuple[str, ...] = STAGES,
     time_scale: float = 1.0,
+    reuse_clip: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run the recipe into `out_dir` (see the module docstring). Returns the benchmark payload
     (or the state when the benchmark stage is not asked for). `time_scale` multiplies the
-    preset's time budgets."""
+    preset's time budgets. `reuse_clip`: another recipe run whose finished CLIP stage this run
+    starts from (`start_from_clip`)."""
     from clipcount.engine.inference import pick_device
 
     preset = get_preset(preset, time_scale)
@@ -165,11 +220,15 @@ def run_recipe(
         raise ConfigError(f"unknown recipe stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
     device = pick_device(device)
     out_dir = Path(out_dir)
+    if reuse_clip is not None:
+        reusable_clip_state(Path(reuse_clip), preset)  # refused before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         for name in (STATE_FILE, "clip", "main", "ablations", REPORT_JSON, REPORT_TEXT):
             target = out_dir / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    if reuse_clip is not None:
+        start_from_clip(Path(reuse_clip), out_dir, preset)
     state = RecipeState(out_dir, preset)
     say = _say  # stage messages with times are printed even without progress bars
     say(f"clipcount recipe: preset {preset.name!r} on {device} into {out_dir}")
@@ -199,6 +258,8 @@ def run_recipe(
         _require(clip_folder, "pretrain")
         t0 = time.time()
         variant = main_variant(preset)
+        if preset.time_budget:  # sized from a rate measured once; the limit holds if the machine slows
+            variant.train.max_seconds = float(preset.time_budget["main"])
         say(f"stage 2: CLIP-Count, {variant.total_steps} steps of batch {variant.train.batch_size}")
         summary = train_variant(variant_spec(variant, preset, out_dir, clip_folder, train_mean, str(device), True,
                                              progress))
@@ -325,6 +386,7 @@ __all__ = [
     "render_example",
     "run_recipe",
     "small_preset",
+    "start_from_clip",
     "toy_preset",
     "train_variant",
 ]

@@ -250,7 +250,9 @@ def test_recipe_runs_end_to_end_and_exports_a_demo(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "calibration").exists()  # the probe's folder is cleaned up
     config = json.loads((tmp_path / "run" / "main" / "final" / "config.json").read_text())
     epochs = preset.train.contrastive_epochs + preset.train.density_epochs
-    assert config["training"]["step"] == values["steps_per_epoch"] * epochs
+    # sized to fill the budget, and held to it by a time limit should the machine slow down
+    assert 1 <= config["training"]["step"] <= values["steps_per_epoch"] * epochs
+    assert config["training"]["train_config"]["max_seconds"] == preset.time_budget["main"]
     assert config["synthetic"]["train_mean_count"] == pytest.approx(payload["train_mean"])
     assert payload["train_mean"] > 0
 
@@ -310,3 +312,37 @@ def test_steps_per_epoch_fill_the_budget_at_each_stages_own_rate():
     assert steps_per_epoch_within(seconds, 1, 5, 1.0, 1.0) < 100  # the old sizing
     assert steps_per_epoch_within(600, 0, 6, 3.0, 1.0) == 100  # no contrastive epoch: its rate is irrelevant
     assert steps_per_epoch_within(0.0, 1, 5, 3.0, 1.0) == 1  # never zero steps
+
+
+def test_reuse_clip_starts_a_run_from_another_runs_clip(tmp_path):
+    """--reuse-clip: the CLIP stage is copied, not retrained; its settings must match; a rerun resumes."""
+    import dataclasses
+
+    from clipcount.synthetic import recipe
+
+    source, out = tmp_path / "a", tmp_path / "b"
+    preset = recipe.toy_preset()
+    recipe.run_recipe(source, preset, device="cpu", progress=False, stages=("pretrain",))
+    other_seed = dataclasses.replace(preset, train=dataclasses.replace(preset.train, seed=5))
+    payload = recipe.run_recipe(out, other_seed, device="cpu", progress=False, stages=("main", "benchmark"),
+                                reuse_clip=source)
+    for path in (source / "clip" / "final").iterdir():
+        assert (out / "clip" / "final" / path.name).read_bytes() == path.read_bytes()
+    stages = payload["recipe"]["stages"]
+    assert stages["pretrain"]["reused_from"] == str(source.resolve()) and stages["main"]["done"]
+    assert (out / "main" / "final" / "model.safetensors").is_file()
+    again = recipe.run_recipe(out, other_seed, device="cpu", progress=False, stages=("main",), reuse_clip=source)
+    assert again["stages"]["main"] == stages["main"]  # resumed: nothing trained twice
+    info = recipe.export_demo(out, tmp_path / "assets")
+    saved = json.loads((tmp_path / "assets" / "demo" / "config.json").read_text())
+    assert saved["recipe"]["command"].endswith("--reuse-clip a") and info["bytes"] > 0
+
+    other_clip = dataclasses.replace(preset, pretrain=dataclasses.replace(preset.pretrain, steps=preset.pretrain.steps + 1))
+    with pytest.raises(ConfigError, match="other pretrain settings"):
+        recipe.run_recipe(tmp_path / "c", other_clip, device="cpu", progress=False, stages=("main",),
+                          reuse_clip=source)
+    assert not (tmp_path / "c").exists()  # refused before anything is written
+    with pytest.raises(ConfigError, match="already holds a recipe run"):
+        recipe.run_recipe(source, preset, device="cpu", progress=False, stages=("main",), reuse_clip=out)
+    with pytest.raises(ConfigError, match="not a recipe run"):
+        recipe.run_recipe(tmp_path / "d", preset, device="cpu", progress=False, reuse_clip=tmp_path / "nowhere")
