@@ -213,11 +213,13 @@ def test_presets_fit_the_bundle_and_validate():
     # the GPU preset trains what the bundled recipe trains (a GPU run must not lose prompt fidelity)
     full = get_preset("full")
     assert full.clip.vision.stem == "hybrid" and full.pretrain.stem_steps > 0 and full.pretrain.region_weight > 0
-    for field in ("prompts_per_image", "negative_share", "hard_negative_share", "background_share"):
+    for field in ("prompts_per_image", "negative_share", "hard_negative_share", "background_share", "ema_decay"):
         assert getattr(full.train, field) == getattr(cpu.train, field), field
+    assert full.model.text_similarity and cpu.model.text_similarity and cpu.train.ema_decay > 0
     for name in ("cpu-patch", "cpu-stem"):
         earlier = get_preset(name)
         assert earlier.train.background_share == 0 and earlier.time_budget["main"] == 1800
+        assert earlier.train.ema_decay == 0 and not earlier.model.text_similarity
 
 
 def test_ablations_change_one_thing_each():
