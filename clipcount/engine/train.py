@@ -6,12 +6,14 @@ prompted image tower's patches with the text before the density head exists in t
 weight `contrastive_weight_stage2`, 0 by default as published). One AdamW over the trainable
 parameters for the whole run; parameters a stage does not use get no gradient and are not
 touched (AdamW skips them, weight decay included). The learning rate is multiplied by `lr_decay`
-every `lr_decay_every` epochs.
+every `lr_decay_every` epochs. Training stops early at `max_steps` or after `max_seconds` of
+training (summed over resumed calls; every process follows rank 0's clock).
 
 Output folder (`run_folder.py` writes and reads it):
     last/      model.safetensors + config.json + trainer_state.{safetensors,json}, every
                `checkpoint_every` steps and at the end; swapped in whole, never half-written
-    final/     the model at the end of the call (same layout, no trainer state)
+    final/     the model at the end of the call (same layout, no trainer state); with `ema_decay`
+               the moving average of the weights (`weight_average.py`), while last/ holds the raw ones
     metrics.jsonl   one JSON line every `log_every` steps
     tensorboard/    when torch.utils.tensorboard imports
 

@@ -5,6 +5,7 @@
     prompts (P strings) ──tokenise──> text encoder + context ──> text (P, 1, E)
                                                                    ▼
                                   hierarchical interaction (14x14, 28x28, ...) ──> maps
+                                  [text_similarity: + patch-text cosine map, one more channel]
                                                                    ▼
                                   CNN decoder ──> density (B, 1, H, W); count = sum / density_scale
 
