@@ -176,7 +176,7 @@ def _resume_average(average: WeightAverage | None, state: dict[str, Any], folder
     if "weight_average" in state:
         average.load_state_dict(state["weight_average"])
     else:
-        average.load_state_dict({"weights": dict(zip(average.names, average.params)), "updates": 0})
+        average.restart()  # from the weights just loaded, not those the model was built with
         if say:
             print(f"clipcount: {folder} holds no weight average; the average starts from its weights")
 

@@ -36,6 +36,13 @@ class WeightAverage:
         self.shadow = [p.detach().clone() for p in self.params]
         self.updates = 0
 
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start the average afresh from the model's current weights."""
+        for p, s in zip(self.params, self.shadow):
+            s.copy_(p)
+        self.updates = 0
+
     def current_decay(self) -> float:
         return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
 

@@ -69,6 +69,11 @@ STAGES = ("pretrain", "main", "ablations", "benchmark")
 
 # ---- the run folder's state ----------------------------------------------------------------------
 
+def preset_record(preset: Preset) -> dict[str, Any]:
+    """The preset as recipe.json holds it (tuples become lists), for comparing with a saved one."""
+    return json.loads(json.dumps(preset.to_dict()))
+
+
 class RecipeState:
     """OUT/recipe.json: the preset, finished stages with their times, and shared numbers."""
 
@@ -77,7 +82,7 @@ class RecipeState:
         self.data: dict[str, Any] = {"preset": preset.to_dict(), "stages": {}, "values": {}}
         if self.path.is_file():
             saved = json.loads(self.path.read_text(encoding="utf-8"))
-            if saved.get("preset") != json.loads(json.dumps(preset.to_dict())):
+            if saved.get("preset") != preset_record(preset):
                 raise ConfigError(
                     f"{out_dir} holds a recipe run with other settings (preset "
                     f"{saved.get('preset', {}).get('name')!r}); resume it with the same preset and --time-scale, "
@@ -156,7 +161,6 @@ def start_from_clip(source: Path, out_dir: Path, preset: Preset) -> None:
     total time still counts the CLIP's training. Running the same command again resumes.
     """
     saved = reusable_clip_state(source, preset)
-    new = json.loads(json.dumps(preset.to_dict()))
     state_file = out_dir / STATE_FILE
     if state_file.is_file():
         here = json.loads(state_file.read_text(encoding="utf-8"))
@@ -172,7 +176,7 @@ def start_from_clip(source: Path, out_dir: Path, preset: Preset) -> None:
     values = {k: v for k, v in saved["values"].items() if k == "patch_probe_before"}
     # The training-mean count is drawn from the world with the CLIP-Count seed: kept only if that is the same.
     old = saved["preset"]
-    if old["train"].get("seed") == new["train"]["seed"] and old.get("train_mean_n") == new["train_mean_n"]:
+    if old["train"].get("seed") == preset.train.seed and old.get("train_mean_n") == preset.train_mean_n:
         values.update({k: v for k, v in saved["values"].items() if k == "train_mean_count"})
     pretrain = {**saved["stages"]["pretrain"], "reused_from": str(source.resolve())}
     state = RecipeState(out_dir, preset)
@@ -190,8 +194,8 @@ def reusable_clip_state(source: Path, preset: Preset) -> dict[str, Any]:
     saved = json.loads(path.read_text(encoding="utf-8"))
     if not saved.get("stages", {}).get("pretrain", {}).get("done") or not (source / "clip" / "final").is_dir():
         raise ConfigError(f"{source} has not finished its CLIP stage; finish it first (run its recipe again)")
-    new = json.loads(json.dumps(preset.to_dict()))
-    differ = [part for part in ("clip", "pretrain", "world") if saved["preset"].get(part) != new.get(part)]
+    new = preset_record(preset)
+    differ = [part for part in ("clip", "pretrain", "world") if saved["preset"].get(part) != new[part]]
     if differ:
         raise ConfigError(f"{source}'s CLIP was trained with other {', '.join(differ)} settings than preset "
                           f"{preset.name!r} (and --time-scale) ask for; reuse a run of the same preset")

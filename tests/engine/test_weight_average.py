@@ -107,3 +107,18 @@ def test_max_seconds_stops_mid_epoch_and_counts_time_over_resumes(fsc_root, tmp_
                    progress=False)
     assert result.step == 3
     assert load_trainer_state(tmp_path / "last")["position"]["seconds"] > first
+
+
+def test_resuming_a_run_saved_without_an_average_starts_one_from_its_weights(fsc_root, tmp_path):
+    model, dataset = make_run(fsc_root)
+    train(model, dataset, run_config(3), tmp_path, device="cpu", progress=False)
+    saved = load_model(tmp_path / "last").state_dict()
+    model, dataset = make_run(fsc_root)
+    average = WeightAverage(model, 0.9)
+    model.load_state_dict(saved)
+    average.restart()
+    assert average.updates == 0
+    assert all(torch.equal(s, saved[name]) for name, s in zip(average.names, average.shadow))
+    model, dataset = make_run(fsc_root)
+    train(model, dataset, run_config(7, ema_decay=0.9), tmp_path, resume=True, device="cpu", progress=False)
+    assert load_trainer_state(tmp_path / "last")["weight_average"]["updates"] == 4  # counted from the resume
