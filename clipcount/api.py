@@ -151,7 +151,7 @@ class Counter:
         stride = max(1, window // 3) if stride is None else stride
         if not 0 < stride <= window:
             raise ConfigError(f"stride must be between 1 and the model's window size {window}, not {stride}")
-        check_windowing(windowing or model.config.windowing, stride, window)
+        check_windowing(windowing or model.config.windowing, stride, window, model.config.resize_height)
         self.predictor = DensityPredictor(model, stride=stride, max_batch=max_batch, device=device,
                                           precision=precision, windowing=windowing)
         self.limits = limits
@@ -327,8 +327,9 @@ def _settle(source: Any, future: Future) -> tuple[Any, Any, str | None]:
     return source, pixels, error
 
 
-def check_windowing(windowing: str, stride: int, window: int) -> None:
-    """ConfigError unless `windowing` is known and works with `stride` (published: stride divides the window)."""
+def check_windowing(windowing: str, stride: int, window: int, image_height: int | None = None) -> None:
+    """ConfigError unless `windowing` is known and works with `stride` (published: stride divides the
+    window) and the model's image height (published: one row of windows, so the window's own)."""
     from clipcount.engine.windows import WINDOWINGS
 
     if windowing not in WINDOWINGS:
@@ -336,6 +337,9 @@ def check_windowing(windowing: str, stride: int, window: int) -> None:
     if windowing == "published" and window % stride:
         raise ConfigError(f"the published windowing needs a stride that divides the window {window} "
                           f"(e.g. {window // 3}), not {stride}; change --stride or use --windowing clipcount")
+    if windowing == "published" and image_height not in (None, window):
+        raise ConfigError(f"the published windowing cuts one row of windows, but this model resizes images to "
+                          f"{image_height} pixels for {window}-pixel windows; use --windowing clipcount")
 
 
 def _check_precision(precision: str) -> str:

@@ -261,3 +261,19 @@ def test_windowing_follows_the_model_and_can_be_chosen(tiny_checkpoint, blob_ima
         Counter(model, device="cpu", stride=20)
     with pytest.raises(ConfigError, match="unknown windowing"):
         Counter(model, device="cpu", windowing="fancy")
+
+
+def test_a_model_taller_than_its_window_counts_at_the_image_resolution(tiny_checkpoint, blob_image):
+    from clipcount.modeling.checkpoint import load_model
+
+    model = load_model(tiny_checkpoint)
+    model.config.image_height = 96  # 64-pixel windows over images resized to 96 pixels
+    counter = Counter(model, device="cpu", precision="fp32")
+    result = counter.count(blob_image(80, 200), "dots")
+    assert result.density.shape == (80, 200)
+    tensor = torch.from_numpy(blob_image(80, 200).astype(np.float32) / 255.0).permute(2, 0, 1)
+    density = counter.predictor.predict(tensor, ["dots"])[0]
+    assert density.shape == (96, 240)
+    assert result.count == pytest.approx(counter.predictor.count(density), rel=1e-5)
+    with pytest.raises(ConfigError, match="one row"):
+        Counter(model, device="cpu", windowing="published", stride=16)

@@ -76,6 +76,19 @@ def test_predictor_counts_equal_the_plain_path(size, compat, similarity):
     assert_same_counts(fast, [plain_density(model, img, prompt) for prompt in PROMPTS[:3]])
 
 
+@pytest.mark.parametrize("size", [(64, 40), (80, 150), (200, 90)])
+def test_a_model_taller_than_its_window_counts_rows_of_windows_like_the_plain_path(size):
+    model = make_model()
+    model.config.image_height = 100  # images resized to 100 pixels, cut into 64-pixel windows in rows
+    img = image(*size, seed=size[0])
+    predictor = DensityPredictor(model, stride=STRIDE, max_batch=4, device="cpu", precision="fp32")
+    fast = predictor.predict(img, PROMPTS[:2])
+    plain = [count_image(img, lambda w: model(w, [prompt] * w.shape[0]), WINDOW, STRIDE, max_batch=1,
+                         height=100)[0][0] for prompt in PROMPTS[:2]]
+    assert fast[0].shape == (100, round(size[1] * 100 / size[0]))
+    assert_same_counts(fast, plain)
+
+
 def test_windows_of_many_images_share_forward_passes(model):
     images = [image(64, 64, 1), image(100, 300, 2), image(64, 30, 3)]
     predictor = DensityPredictor(model, stride=STRIDE, max_batch=5, device="cpu", precision="fp32")

@@ -56,6 +56,7 @@ _OVERRIDES = {
     "hard_negative_share": "hard_negative_share",
     "background_share": "background_share",
     "count_weight": "count_weight",
+    "empty_count_weight": "empty_count_weight",
 }
 
 
@@ -98,6 +99,9 @@ def register(subparsers) -> None:
     model.add_argument("--text-similarity", action="store_true",
                        help="a new model's decoder also sees the patch-text similarity map (not in the published "
                        "model; see ClipCountConfig.text_similarity)")
+    model.add_argument("--image-height", type=int, default=None, metavar="PIXELS",
+                       help="a new model's images are resized to PIXELS tall and cut into windows in rows and "
+                       "columns (default: the window size, one row; see ClipCountConfig.image_height)")
     model.add_argument("--resume", action="store_true", help="continue from OUT/last (starts fresh if there is none)")
     model.add_argument("--tiny", action="store_true",
                        help="a tiny random model (smoke tests; no --clip needed); a `model:` section adjusts it")
@@ -130,6 +134,9 @@ def register(subparsers) -> None:
     train.add_argument("--count-weight", type=float,
                        help="weight of a count loss ((predicted - true)^2) beside the density MSE, which "
                        "cannot see a faint floor of density that adds objects to every image (0)")
+    train.add_argument("--empty-count-weight", type=float,
+                       help="weight of the squared predicted count of prompts and crops with nothing to count "
+                       "(negative prompts, background crops) beside the density MSE (0; e.g. 1e-5)")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     train.add_argument("--max-seconds", type=float,
                        help="stop after this many seconds of training in all (summed over --resume calls)")
@@ -177,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     augment = AugmentConfig(mosaic_prob=cfg.mosaic_prob, augment_prob=cfg.augment_prob)
     dataset = TrainingDataset(base, crop_size=model.config.window_size, augment_cfg=augment,
                               density_sigma=cfg.density_sigma, density_scale=model.config.density_scale, seed=cfg.seed,
-                              background_share=cfg.background_share)
+                              background_share=cfg.background_share, image_height=model.config.resize_height)
     if not earlier_run and (not args.init or not args.keep_head):  # a new head: start it near 0 (engine/head_init.py)
         if args.init:
             fresh_head(model)
@@ -266,6 +273,8 @@ def make_model(args: argparse.Namespace, model_section: dict[str, Any]):
     base = (tiny_config() if args.tiny else ClipCountConfig()).to_dict()
     if args.text_similarity:
         model_section = {**model_section, "text_similarity": True}
+    if args.image_height is not None:
+        model_section = {**model_section, "image_height": args.image_height}
     try:
         config = ClipCountConfig.from_dict(_merged(base, model_section))
     except (TypeError, ValueError) as error:

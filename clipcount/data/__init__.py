@@ -81,7 +81,7 @@ def build_dataset(name: str, root: str | Path, split: str | None = "test", **kw:
 class TrainingDataset(torch.utils.data.Dataset):
     """Augmented square crops with density maps, for training.
 
-    Item i: the base sample resized to height `crop_size` (points scaled), then `augment` (mosaic
+    Item i: the base sample resized to height `image_height` (default `crop_size`) (points scaled), then `augment` (mosaic
     tiles come from other samples with the same prompt) ending in a random crop_size crop, and the
     density map of the points that remain. Returns dict(image=(3, S, S) float32 tensor in [0, 1],
     density=(1, S, S) float32 tensor, count=float (points in the crop), prompt=str, name=str).
@@ -90,6 +90,9 @@ class TrainingDataset(torch.utils.data.Dataset):
     runs; call `set_epoch` each epoch for a new stream (with DataLoader(persistent_workers=False),
     the default, workers pick it up). `augment=False` keeps only the resize and random crop
     (validation crops).
+
+    `image_height`: images are resized to this height before cropping (default: the crop size; a
+    model with `ClipCountConfig.image_height` is trained on crops of images at that height).
 
     `background_share`: the chance that an item is instead a background crop (data/background.py):
     the largest square of the resized image with no point near it (at least crop_size / 8 wide),
@@ -106,12 +109,16 @@ class TrainingDataset(torch.utils.data.Dataset):
         seed: int = 0,
         augment: bool = True,
         background_share: float = 0.0,
+        image_height: int | None = None,
     ):
         if not 0.0 <= background_share <= 1.0:
             raise ConfigError(f"background share must be between 0 and 1, not {background_share}")
         self.base = base
         self.background_share = float(background_share)
         self.crop_size = int(crop_size)
+        self.image_height = self.crop_size if image_height is None else int(image_height)
+        if self.image_height < self.crop_size:
+            raise ConfigError(f"image height {self.image_height} must be at least the crop size {self.crop_size}")
         self.cfg = dataclasses.replace(augment_cfg or AugmentConfig(), crop_size=self.crop_size)
         self.density_sigma = float(density_sigma)
         self.density_scale = float(density_scale)
@@ -139,7 +146,7 @@ class TrainingDataset(torch.utils.data.Dataset):
                 f"{sample.name}: has a count but no point annotations, so no density map can be made; "
                 "train on a dataset with points (e.g. FSC-147)"
             )
-        return resize_to_height(sample, self.crop_size)
+        return resize_to_height(sample, self.image_height)
 
     def _crop(self, sample: CountingSample, index: int, rng: np.random.Generator) -> CountingSample:
         """The ordinary item: the augmentation policy (or, without it, a random crop)."""

@@ -146,7 +146,7 @@ def evaluate(
         _check_stride(stride, window)
         from clipcount.api import check_windowing
 
-        check_windowing(windowing or model.config.windowing, stride, window)
+        check_windowing(windowing or model.config.windowing, stride, window, model.config.resize_height)
         predictor = DensityPredictor(model, stride=stride, max_batch=max_batch, device=device, precision=precision,
                                      windowing=windowing)
     window = int(getattr(predictor, "window", 0) or 0)

@@ -192,6 +192,10 @@ class DensityPredictor:
         self.stride = stride
         self.max_batch = min(max_batch, CPU_MAX_BATCH) if self.device.type == "cpu" else max_batch
         self.window = model.config.window_size
+        self.image_height = model.config.resize_height  # images are resized to it, then cut into windows
+        if self.windowing == "published" and self.image_height != self.window:
+            raise ValueError(f"the published windowing cuts one row of windows; this model resizes images to "
+                             f"{self.image_height} pixels for {self.window}-pixel windows: use windowing 'clipcount'")
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
         # bf16 on a CPU: weights cast once here, not on every call (CastWeights)
@@ -262,15 +266,16 @@ class DensityPredictor:
 
     @torch.inference_mode()
     def predict(self, image: torch.Tensor, prompts: Sequence[str]) -> list[torch.Tensor]:
-        """Image (3, H, W) in [0, 1] -> one density (window, W') per prompt, on the CPU, float32.
+        """Image (3, H, W) in [0, 1] -> one density (H', W') per prompt, on the CPU, float32.
 
-        The image is resized to the window height first; count = density.sum() / density_scale.
+        The image is resized to the model's image height first (H', the window size unless the
+        model's config says otherwise); count = density.sum() / density_scale.
         """
         return self.predict_many([image], prompts)[0]
 
     @torch.inference_mode()
     def predict_many(self, images: Sequence[torch.Tensor], prompts: Sequence[str]) -> list[list[torch.Tensor]]:
-        """Images [(3, H, W)] -> for each image, one density (window, W') per prompt (as `predict`).
+        """Images [(3, H, W)] -> for each image, one density (H', W') per prompt (as `predict`).
 
         The windows of all images share forward passes of up to `max_batch` windows: on a GPU a
         few small images alone would leave most of it idle.
@@ -278,8 +283,8 @@ class DensityPredictor:
         text = self.encode_prompts(prompts)
         plans, windows = [], []
         for image in images:
-            resized, _, _ = resize_to_height(image.float(), self.window)
-            plans.append(plan_windows(self.window, resized.shape[-1], self.window, self.stride, self.windowing))
+            resized, _, _ = resize_to_height(image.float(), self.image_height)
+            plans.append(plan_windows(*resized.shape[-2:], self.window, self.stride, self.windowing))
             windows.append(split_windows(resized, plans[-1]))  # (K_i, 3, S, S)
         densities = self.decode_windows(self.encode_windows(torch.cat(windows)), text)  # (P, sum K_i, 1, S, S)
         results, first = [], 0

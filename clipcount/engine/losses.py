@@ -97,6 +97,24 @@ def count_mse_loss(pred: torch.Tensor, target: torch.Tensor, density_scale: floa
     return (pred_count - true_count).square().mean()
 
 
+def empty_count_loss(pred: torch.Tensor, target: torch.Tensor, density_scale: float) -> torch.Tensor:
+    """Densities (B, 1, H, W) -> mean squared predicted count over the pairs with nothing to count
+    (all-zero targets: negative prompts, blank crops); 0 when there are none (fp32).
+
+    Why only those: the density MSE barely sees diffuse mass (a floor of 0.5 objects spread over a
+    256x256 window pushes each pixel back ~1e-3 as hard as one false object would), and that mass is
+    what an absent class adds up to over a whole image. A count loss on every pair also pushed
+    undercounted positives up everywhere, which leaked other classes into the counts (README); here
+    nothing is ever pushed up.
+    """
+    _check_same_shape(pred, target)
+    empty = target.float().sum(dim=(1, 2, 3)) == 0  # (B,)
+    counts = pred.float().sum(dim=(1, 2, 3)) / density_scale  # (B,)
+    if not bool(empty.any()):
+        return counts.sum() * 0.0  # keeps the graph, so every process's backward matches under DDP
+    return counts[empty].square().mean()
+
+
 def density_mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Predicted and ground-truth density (B, 1, H, W) -> mean squared error over all pixels (fp32)."""
     _check_same_shape(pred, target)

@@ -58,6 +58,7 @@ from clipcount.engine.distributed import (
 from clipcount.engine.losses import (
     count_mse_loss,
     density_mse_loss,
+    empty_count_loss,
     patch_text_contrastive_loss,
 )
 from clipcount.engine.run_folder import (
@@ -105,12 +106,13 @@ class TrainingObjective(nn.Module):
     """
 
     def __init__(self, model: ClipCount, temperature: float, autocast_dtype: torch.dtype | None,
-                 count_weight: float = 0.0):
+                 count_weight: float = 0.0, empty_count_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.autocast_dtype = autocast_dtype
         self.count_weight = count_weight  # beside the density MSE: count_mse_loss
+        self.empty_count_weight = empty_count_weight  # beside it too: empty_count_loss
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -154,6 +156,9 @@ class TrainingObjective(nn.Module):
             if self.count_weight:
                 count = count_mse_loss(pred, density, model.config.density_scale)
                 total = total + density_weight * self.count_weight * count
+            if self.empty_count_weight:
+                empty = empty_count_loss(pred, density, model.config.density_scale)
+                total = total + density_weight * self.empty_count_weight * empty
         return total, contrastive.detach(), mse.detach()
 
 
@@ -204,7 +209,7 @@ def train(
     if resume:
         pos = resume_from(out_dir, model, optimizer, scheduler, cfg, ctx, device, progress, average)
     objective = TrainingObjective(model, cfg.contrastive_temperature, _autocast_dtype(cfg.precision, device),
-                                  cfg.count_weight)
+                                  cfg.count_weight, cfg.empty_count_weight)
     runner: nn.Module = objective
     if ctx.enabled:
         runner = nn.parallel.DistributedDataParallel(
@@ -287,6 +292,9 @@ def _check_limits(cfg: TrainConfig) -> None:
     """Settings checked before anything is written."""
     if cfg.ema_decay != 0 and not 0 < cfg.ema_decay < 1:
         raise ConfigError(f"ema_decay must be in (0, 1) (e.g. 0.998), or 0 for no average, not {cfg.ema_decay}")
+    if cfg.empty_count_weight < 0 or cfg.count_weight < 0:
+        raise ConfigError("count_weight and empty_count_weight must be at least 0, not "
+                          f"{cfg.count_weight} and {cfg.empty_count_weight}")
     if cfg.max_seconds is not None and cfg.max_seconds <= 0:
         raise ConfigError(f"max_seconds must be positive, not {cfg.max_seconds}")
 

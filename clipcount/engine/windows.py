@@ -2,7 +2,10 @@
 
 The evaluation protocol (see the reference notes): resize the image to the window's height (384),
 cut it into window x window crops every `stride` pixels along x, run all crops through the model in
-as few batches as possible, and blend the overlapping density maps back into one map.
+as few batches as possible, and blend the overlapping density maps back into one map. A model may
+ask for images taller than its window (`ClipCountConfig.image_height`): the windows then tile the
+image in rows as well as columns, every `stride` pixels along y too, blended the same way along
+each axis (the published windowing has one row only).
 
 Choices made here, and why:
 - Coverage. The last window is shifted left so that it ends exactly at the image's right edge; every
@@ -17,7 +20,7 @@ Choices made here, and why:
   and the weights of all windows covering a pixel are normalised to sum to exactly 1. Every pixel is
   thus counted once, and pixels near a window's edge, where objects are cut off, lean on the window
   that sees them more centrally. With `stride == window` windows do not overlap and the weights are 1.
-- Resolution. The density returned is at the resized resolution (height == window). Its sum is the
+- Resolution. The density returned is at the resized resolution (the image's new height). Its sum is the
   image's density mass whatever the original size, since density is mass per pixel at the resolution
   the model saw; `resize_density` maps it to another size (e.g. the original image) keeping its sum.
 
@@ -34,8 +37,8 @@ by the model; it needs a stride that divides the window (128 for 384, as publish
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +54,23 @@ _PUBLISHED_RAMP = 3.0  # the published blend weights are sigmoid(linspace(-3, 3,
 class WindowPlan:
     """Where the windows of one image go. Sizes are after `resize_to_height`."""
 
-    height: int  # image height, equal to `window`
+    height: int  # image height: the window, or more for rows of windows
     width: int  # image width before padding
     padded_width: int  # max(width, window): the canvas the windows tile exactly
-    starts: list[int]  # x offset of each window, increasing; the last ends at padded_width
+    starts: list[int]  # x offset of each column of windows, increasing; the last ends at padded_width
     window: int
     stride: int
     scheme: str = "clipcount"  # one of WINDOWINGS
+    row_starts: list[int] = field(default_factory=lambda: [0])  # y offset of each row; the last ends at height
 
     @property
     def num_windows(self) -> int:
-        return len(self.starts)
+        return len(self.starts) * len(self.row_starts)
+
+    @property
+    def positions(self) -> list[tuple[int, int]]:
+        """The (y, x) corner of every window, row by row: the order windows are split and merged in."""
+        return [(y, x) for y in self.row_starts for x in self.starts]
 
 
 def resize_to_height(
@@ -85,16 +94,18 @@ def resize_to_height(
 
 def plan_windows(height: int, width: int, window: int = 384, stride: int = 128,
                  scheme: str = "clipcount") -> WindowPlan:
-    """Window offsets covering a (height, width) image, height == window (use resize_to_height).
+    """Window offsets covering a (height, width) image, height >= window (use resize_to_height):
+    one row of windows when height == window, rows every `stride` pixels (the last ending at the
+    bottom) when taller.
 
-    `scheme`: "clipcount" (the last window ends at the border) or "published" (see the module notes).
+    `scheme`: "clipcount" (the last window ends at the border) or "published" (see the module notes;
+    one row only).
     """
     if scheme not in WINDOWINGS:
         raise ValueError(f"unknown windowing {scheme!r}; use one of {', '.join(WINDOWINGS)}")
-    if height != window:
-        raise ValueError(
-            f"windows need an image {window} pixels tall, not {height}; resize it with resize_to_height first"
-        )
+    if height < window or (height != window and scheme == "published"):
+        tall = f"{window} pixels tall" if scheme == "published" else f"at least {window} pixels tall"
+        raise ValueError(f"windows need an image {tall}, not {height}; resize it with resize_to_height first")
     if width < 1:
         raise ValueError(f"image width must be positive, not {width}")
     if not 0 < stride <= window:
@@ -103,10 +114,14 @@ def plan_windows(height: int, width: int, window: int = 384, stride: int = 128,
     if scheme == "published":
         return _published_plan(height, width, window, stride)
     padded_width = max(width, window)
-    last = padded_width - window
-    count = math.ceil(last / stride) + 1
-    starts = [min(index * stride, last) for index in range(count)]
-    return WindowPlan(height, width, padded_width, starts, window, stride)
+    return WindowPlan(height, width, padded_width, _axis_starts(padded_width, window, stride), window, stride,
+                      row_starts=_axis_starts(height, window, stride))
+
+
+def _axis_starts(length: int, window: int, stride: int) -> list[int]:
+    """Offsets every `stride` along an axis of `length` >= window, the last one ending at its end."""
+    last = length - window
+    return [min(index * stride, last) for index in range(math.ceil(last / stride) + 1)]
 
 
 def _published_plan(height: int, width: int, window: int, stride: int) -> WindowPlan:
@@ -120,29 +135,43 @@ def _published_plan(height: int, width: int, window: int, stride: int) -> Window
 
 
 def window_weights(plan: WindowPlan) -> torch.Tensor:
-    """Per-window column weights (K, window), float64; at every canvas column they sum to 1."""
-    columns = torch.arange(plan.window, dtype=torch.float64) + 0.5  # pixel centres
+    """Column weights of each column of windows (len(starts), window), float64; at every canvas
+    column they sum to 1."""
+    return _axis_weights(plan.starts, plan.window, plan.padded_width)
+
+
+def row_weights(plan: WindowPlan) -> torch.Tensor:
+    """Row weights of each row of windows (len(row_starts), window), float64; at every image row
+    they sum to 1. A window's weight at (y, x) is its row weight at y times its column weight at x."""
+    return _axis_weights(plan.row_starts, plan.window, plan.height)
+
+
+def _axis_weights(starts: Sequence[int], window: int, length: int) -> torch.Tensor:
+    """Linear ramps across each overlap along one axis, normalised to sum to 1: (len(starts), window)."""
+    centres = torch.arange(window, dtype=torch.float64) + 0.5  # pixel centres
     profiles = []
-    for index, start in enumerate(plan.starts):
-        profile = torch.ones(plan.window, dtype=torch.float64)
+    for index, start in enumerate(starts):
+        profile = torch.ones(window, dtype=torch.float64)
         if index > 0:
-            overlap = plan.starts[index - 1] + plan.window - start
-            profile = torch.minimum(profile, columns / overlap)  # rises from the left edge
-        if index < plan.num_windows - 1:
-            overlap = start + plan.window - plan.starts[index + 1]
-            profile = torch.minimum(profile, columns.flip(0) / overlap)  # falls to the right edge
+            overlap = starts[index - 1] + window - start
+            profile = torch.minimum(profile, centres / overlap)  # rises from the near edge
+        if index < len(starts) - 1:
+            overlap = start + window - starts[index + 1]
+            profile = torch.minimum(profile, centres.flip(0) / overlap)  # falls to the far edge
         profiles.append(profile)
-    weights = torch.stack(profiles)  # (K, window), every entry > 0
-    total = torch.zeros(plan.padded_width, dtype=torch.float64)
-    for start, profile in zip(plan.starts, weights):
-        total[start:start + plan.window] += profile
-    return torch.stack([profile / total[start:start + plan.window] for start, profile in zip(plan.starts, weights)])
+    weights = torch.stack(profiles)  # every entry > 0
+    total = torch.zeros(length, dtype=torch.float64)
+    for start, profile in zip(starts, weights):
+        total[start:start + window] += profile
+    return torch.stack([profile / total[start:start + window] for start, profile in zip(starts, weights)])
 
 
 def split_windows(image: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
-    """(3, H, W) -> (K, 3, window, window), narrow images padded with their mean colour."""
+    """(3, H, W) -> (K, 3, window, window) in `plan.positions` order, narrow images padded with
+    their mean colour."""
     padded = _pad(image, plan)
-    return torch.stack([padded[:, :, start:start + plan.window] for start in plan.starts])
+    size = plan.window
+    return torch.stack([padded[:, y:y + size, x:x + size] for y, x in plan.positions])
 
 
 def merge_windows(densities: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
@@ -152,8 +181,7 @@ def merge_windows(densities: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
     if plan.scheme == "published":
         _fold_published(canvas, densities.to(canvas.dtype), plan.starts, plan)
     else:
-        weights = window_weights(plan).to(canvas.device, canvas.dtype)
-        _accumulate(canvas, densities.to(canvas.dtype), weights, plan.starts)
+        _accumulate(canvas, densities.to(canvas.dtype), _blend_weights(plan, canvas), plan, 0)
     return canvas[:, :, :plan.width]
 
 
@@ -165,10 +193,11 @@ def count_image(
     stride: int = 128,
     max_batch: int = 64,
     scheme: str = "clipcount",
+    height: int | None = None,
 ) -> tuple[torch.Tensor, WindowPlan]:
-    """Density map of a whole image: (3, H, W) in [0, 1] -> ((1, window, W'), plan).
+    """Density map of a whole image: (3, H, W) in [0, 1] -> ((1, height, W'), plan).
 
-    The image is resized to `window` pixels tall, cut into windows, and the windows go through
+    The image is resized to `height` pixels tall (default: the window), cut into windows, and the windows go through
     `density_fn` ((K, 3, S, S) -> (K, 1, S, S) or (K, S, S)) in ceil(K / max_batch) calls, on the
     image's device (density_fn moves them to its model's device if needed). The density returned is
     at the resized resolution, on density_fn's device; its sum is the image's density mass (count =
@@ -177,25 +206,26 @@ def count_image(
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, not {max_batch}")
-    resized, _, _ = resize_to_height(image, window)
-    plan = plan_windows(window, resized.shape[-1], window, stride, scheme)
+    resized, _, _ = resize_to_height(image, height or window)
+    plan = plan_windows(resized.shape[-2], resized.shape[-1], window, stride, scheme)
     padded = _pad(resized, plan)
-    weights = window_weights(plan) if scheme == "clipcount" else None
+    positions = plan.positions
     canvas: torch.Tensor | None = None
+    weights: tuple[torch.Tensor, torch.Tensor] | None = None
     for first in range(0, plan.num_windows, max_batch):
-        starts = plan.starts[first:first + max_batch]
-        batch = torch.stack([padded[:, :, start:start + window] for start in starts])  # (k, 3, S, S)
+        chunk = positions[first:first + max_batch]
+        batch = torch.stack([padded[:, y:y + window, x:x + window] for y, x in chunk])  # (k, 3, S, S)
         densities = density_fn(batch)
         if densities.dim() == 3:
             densities = densities[:, None]
-        _check_densities(densities, len(starts), window)
+        _check_densities(densities, len(chunk), window)
         if canvas is None:
             canvas = _new_canvas(densities, plan)
-        if weights is None:  # the published fold runs left to right, so batch by batch is the same
-            _fold_published(canvas, densities.to(canvas.dtype), starts, plan)
+            weights = _blend_weights(plan, canvas)
+        if scheme == "published":  # one row, folded left to right, so batch by batch is the same
+            _fold_published(canvas, densities.to(canvas.dtype), [x for _, x in chunk], plan)
             continue
-        chunk_weights = weights[first:first + len(starts)].to(canvas.device, canvas.dtype)
-        _accumulate(canvas, densities.to(canvas.dtype), chunk_weights, starts)
+        _accumulate(canvas, densities.to(canvas.dtype), weights, plan, first)
     assert canvas is not None  # a plan always has at least one window
     return canvas[:, :, :plan.width], plan
 
@@ -237,7 +267,7 @@ def _check_densities(densities: torch.Tensor, count: int, window: int) -> None:
 
 
 def _new_canvas(densities: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
-    """(1, window, padded_width) zeros, float32 at least: half-precision sums would lose counts."""
+    """(1, height, padded_width) zeros, float32 at least: half-precision sums would lose counts."""
     dtype = torch.promote_types(densities.dtype, torch.float32)
     return torch.zeros(1, plan.height, plan.padded_width, dtype=dtype, device=densities.device)
 
@@ -256,10 +286,21 @@ def _pad(image: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
     return torch.cat([image, mean.expand(3, plan.height, extra)], dim=2)
 
 
-def _accumulate(canvas: torch.Tensor, densities: torch.Tensor, weights: torch.Tensor, starts: list[int]) -> None:
-    """canvas (1, S, W) += each window's density (k, 1, S, S) times its column weights (k, S)."""
-    for density, weight, start in zip(densities, weights, starts):
-        canvas[:, :, start:start + weight.shape[0]] += density * weight
+def _blend_weights(plan: WindowPlan, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row weights (R, S), column weights (C, S)) on the canvas's device and dtype."""
+    return (row_weights(plan).to(canvas.device, canvas.dtype), window_weights(plan).to(canvas.device, canvas.dtype))
+
+
+def _accumulate(canvas: torch.Tensor, densities: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor],
+                plan: WindowPlan, first: int) -> None:
+    """canvas (1, H, W) += densities (k, 1, S, S) of windows first..first + k - 1 (plan.positions
+    order), each times its row weights (S, 1) and column weights (1, S)."""
+    rows, columns = weights
+    size = plan.window
+    for offset, density in enumerate(densities):
+        row, column = divmod(first + offset, len(plan.starts))
+        y, x = plan.row_starts[row], plan.starts[column]
+        canvas[:, y:y + size, x:x + size] += density * rows[row][:, None] * columns[column]
 
 
 def _fold_published(canvas: torch.Tensor, densities: torch.Tensor, starts: list[int], plan: WindowPlan) -> None:

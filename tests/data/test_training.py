@@ -32,6 +32,22 @@ def test_resize_to_crop_height_keeps_all_points_of_a_wide_image():
     assert float(item["image"][:, :, 16:].abs().sum()) == 0.0
 
 
+def test_image_height_resizes_before_the_crop_so_objects_keep_more_pixels():
+    image = np.zeros((100, 100, 3), dtype=np.float32)
+    image[40:60, 40:60] = 1.0  # one 20-pixel square, its point in the middle
+    base = [CountingSample(image, [[50, 50]], "x", "square.jpg")]
+    ds = TrainingDataset(base, crop_size=40, augment=False, image_height=80)  # 100 -> 80, then 40x40
+    widths = []
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        assert item["image"].shape == (3, 40, 40)
+        widths.append(float((item["image"][0] > 0.5).any(dim=0).sum()))
+    assert max(widths) == pytest.approx(16, abs=1)  # a whole square, 20 pixels at 80/100
+    with pytest.raises(Exception, match="at least the crop size"):
+        TrainingDataset(base, crop_size=40, image_height=30)
+
+
 def test_stream_is_deterministic_per_seed_epoch_and_index(fsc147_root):
     base = FSC147(fsc147_root, "train")
     cfg = AugmentConfig(augment_prob=0.5, mosaic_prob=0.5)

@@ -14,6 +14,7 @@ from clipcount.engine.losses import (
     patch_text_contrastive_loss,
     positive_patch_mask,
     count_mse_loss,
+    empty_count_loss,
 )
 from clipcount.engine.train import TrainingObjective
 from clipcount.modeling.clip_count import ClipCount
@@ -133,6 +134,34 @@ def test_count_weight_adds_the_count_loss_in_the_density_stage_only(tiny_batch):
     assert counted[2].item() == pytest.approx(plain[2].item())  # the logged MSE stays the MSE
     stage_one = TrainingObjective(model, 0.07, None, count_weight=0.5)(images, density, prompts, 1.0, 0.0)
     assert stage_one[2].item() == 0.0
+
+
+def test_empty_count_loss_sees_only_pairs_with_nothing_to_count():
+    target = torch.cat([density_with_objects(8, [(1, 1)]), torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)])
+    pred = torch.full((3, 1, 8, 8), 0.5, requires_grad=True)  # 32 / 60 objects in every map
+    loss = empty_count_loss(pred, target, 60.0)
+    assert loss.item() == pytest.approx((32 / 60) ** 2, rel=1e-5)  # the two empty pairs, not the first
+    loss.backward()
+    assert float(pred.grad[0].abs().sum()) == 0.0 and bool((pred.grad[1:] > 0).all())  # only ever pushed down
+    positives = torch.cat([density_with_objects(8, [(1, 1)])] * 3)
+    none = empty_count_loss(pred, positives, 60.0)
+    assert none.item() == 0.0 and none.requires_grad  # no empty pair: 0, still in the graph
+    with pytest.raises(ValueError, match="shape"):
+        empty_count_loss(pred, target[:, :, :2], 60.0)
+
+
+def test_empty_count_weight_adds_the_loss_of_negative_prompts(tiny_batch):
+    model, images, density, prompts = tiny_batch
+    with_negative = torch.cat([density[:1] * 60, torch.zeros_like(density[:1])])  # "cars" is absent
+    torch.manual_seed(1)
+    plain = TrainingObjective(model, 0.07, None)(images, with_negative, prompts, 0.0, 1.0)
+    torch.manual_seed(1)
+    weighted = TrainingObjective(model, 0.07, None, empty_count_weight=0.5)(images, with_negative, prompts, 0.0, 1.0)
+    with torch.no_grad():
+        pred = model(images, prompts)
+    extra = 0.5 * float(pred[1].sum() / model.config.density_scale) ** 2
+    assert extra > 0 and weighted[0].item() == pytest.approx(plain[0].item() + extra, rel=1e-2)
+    assert weighted[2].item() == pytest.approx(plain[2].item())  # the logged MSE stays the MSE
 
 
 @pytest.fixture(scope="module")

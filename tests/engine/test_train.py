@@ -129,7 +129,8 @@ def test_cli_train_reads_a_config_file_and_flags_override_it(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--dataset", "fsc147", "--root", str(root), "--out", str(out), "--tiny", "--config",
                  str(config), "--batch-size", "2", "--max-steps", "3", "--workers", "1", "--checkpoint-every", "2",
-                 "--ema-decay", "0.9", "--text-similarity", "--no-progress"])
+                 "--ema-decay", "0.9", "--text-similarity", "--empty-count-weight", "1e-5", "--image-height", "96",
+                 "--no-progress"])
     assert code == 0
     assert "stopped at step 3" in capsys.readouterr().out
     state = load_trainer_state(out / "last")
@@ -138,6 +139,7 @@ def test_cli_train_reads_a_config_file_and_flags_override_it(tmp_path, capsys):
     assert state["train_config"]["ema_decay"] == 0.9 and state["weight_average"]["updates"] == 3
     assert load_model(out / "final").config.decoder.activation == "softplus"
     assert load_model(out / "final").config.text_similarity
+    assert load_model(out / "final").config.image_height == 96 and state["train_config"]["empty_count_weight"] == 1e-5
 
 
 @pytest.mark.parametrize(

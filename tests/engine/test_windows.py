@@ -41,9 +41,49 @@ def test_plan_covers_every_column(width, stride):
     assert plan.num_windows == math.ceil((plan.padded_width - WINDOW) / stride) + 1
 
 
+@pytest.mark.parametrize("height", [384, 385, 500, 768, 1000])
+@pytest.mark.parametrize("stride", [100, 128, 256])
+def test_taller_images_get_rows_of_windows_covering_every_row(height, stride):
+    window = 256
+    plan = plan_windows(height, 700, window, stride)
+    assert plan.row_starts[0] == 0 and plan.row_starts[-1] + window == height
+    gaps = [b - a for a, b in zip(plan.row_starts, plan.row_starts[1:])]
+    assert all(0 < gap <= stride for gap in gaps)
+    assert plan.num_windows == len(plan.row_starts) * len(plan.starts) == len(plan.positions)
+    assert plan.positions[:len(plan.starts)] == [(0, x) for x in plan.starts]  # row by row
+
+
+@pytest.mark.parametrize(("height", "width"), [(384, 640), (500, 300), (300, 1000)])
+def test_rows_and_columns_count_every_pixel_once(height, width):
+    plan = plan_windows(height, width, 256, 100)
+    merged = merge_windows(torch.ones(plan.num_windows, 1, 256, 256), plan)
+    assert merged.shape == (1, height, width)
+    assert torch.allclose(merged, torch.ones_like(merged), atol=1e-6)
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(1))
+    windows = split_windows(image, plan)
+    assert windows.shape == (plan.num_windows, 3, 256, 256)
+    assert torch.allclose(merge_windows(windows[:, :1], plan), image[:1], atol=1e-5)  # a pure copy survives
+
+
+def test_count_image_resizes_to_the_asked_height_and_tiles_it():
+    image = torch.rand(3, 192, 320, generator=torch.Generator().manual_seed(2))
+    calls = []
+
+    def copy_first_channel(windows: torch.Tensor) -> torch.Tensor:
+        calls.append(windows.shape[0])
+        return windows[:, :1].clone()
+
+    density, plan = count_image(image, copy_first_channel, window=128, stride=64, max_batch=3, height=192)
+    assert density.shape == (1, 192, 320) and len(plan.row_starts) == 2
+    assert sum(calls) == plan.num_windows and max(calls) <= 3
+    assert torch.allclose(density, image[:1], atol=1e-5)
+
+
 def test_plan_rejects_bad_settings():
     with pytest.raises(ValueError, match="resize_to_height"):
-        plan_windows(500, 800)
+        plan_windows(300, 800)  # shorter than the window
+    with pytest.raises(ValueError, match="resize_to_height"):
+        plan_windows(500, 800, scheme="published")  # the published windowing has one row
     with pytest.raises(ValueError, match="stride"):
         plan_windows(WINDOW, 800, WINDOW, 500)
     with pytest.raises(ValueError, match="stride"):

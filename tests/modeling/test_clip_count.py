@@ -220,3 +220,20 @@ def test_text_similarity_round_trips_and_is_refused_in_compat_models(tmp_path):
 
     with pytest.raises(ConfigError, match="text_similarity"):
         ClipCountConfig.from_dict(cfg_dict)
+
+
+def test_image_height_round_trips_and_bad_values_are_refused(tmp_path):
+    from clipcount.errors import ConfigError
+
+    cfg = tiny_config()
+    cfg.image_height = 96
+    model = ClipCount(cfg)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config.image_height == 96 and loaded.config.resize_height == 96
+    assert tiny_config().resize_height == tiny_config().window_size  # None: the window size
+    data = tiny_config().to_dict()
+    with pytest.raises(ConfigError, match="image_height"):
+        ClipCountConfig.from_dict({**data, "image_height": data["window_size"] - 1})
+    with pytest.raises(ConfigError, match="one row"):
+        ClipCountConfig.from_dict({**data, "image_height": 96, "windowing": "published"})

@@ -348,3 +348,13 @@ def test_reuse_clip_starts_a_run_from_another_runs_clip(tmp_path):
         recipe.run_recipe(source, preset, device="cpu", progress=False, stages=("main",), reuse_clip=out)
     with pytest.raises(ConfigError, match="not a recipe run"):
         recipe.run_recipe(tmp_path / "d", preset, device="cpu", progress=False, reuse_clip=tmp_path / "nowhere")
+
+
+def test_a_preset_whose_scenes_and_model_heights_differ_is_refused():
+    from clipcount.synthetic.presets import get_preset
+
+    toy = get_preset("toy")
+    taller = dataclasses.replace(toy.model, window_size=96, image_height=128)  # scenes are drawn 128 tall
+    assert dataclasses.replace(toy, model=taller).model.resize_height == 128
+    with pytest.raises(ConfigError, match="make them agree"):
+        dataclasses.replace(toy, model=dataclasses.replace(taller, image_height=160))
