@@ -142,7 +142,8 @@ class Counter:
         windowing: str | None = None,
     ):
         """stride: pixels between windows (default a third of the window, the published protocol's
-        128 for 384); min_distance: pixels between object points in the model's 384-high grid;
+        128 for 384); min_distance: pixels between object points in the model's grid (images
+        resized to its image height, 384 for the published model);
         windowing: "clipcount" or "published" (default: what the model's config says; converted
         published checkpoints say "published")."""
         precision = _check_precision(precision)
@@ -235,7 +236,7 @@ class Counter:
         original_size: (height, width) of the file it was loaded from when load_image downscaled
         it; points and image_size are reported in that grid (default: the pixels' own)."""
         image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)  # (3, H, W)
-        densities = self.predictor.predict(image, list(prompts))  # each (window, W') on the CPU
+        densities = self.predictor.predict(image, list(prompts))  # each (H', W') at the model's image height, on the CPU
         counted = (int(pixels.shape[0]), int(pixels.shape[1]))
         size = counted if original_size is None else (int(original_size[0]), int(original_size[1]))
         return [self._result(prompt, density, counted, size) for prompt, density in zip(prompts, densities)]

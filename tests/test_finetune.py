@@ -93,7 +93,7 @@ def test_init_takes_model_names_like_model(tmp_path):
     from clipcount.cli.train import make_model
 
     args = argparse.Namespace(init="demo", resume=False, out=str(tmp_path / "run"), tiny=False, clip=None)
-    assert make_model(args, {}).config.window_size == 384  # the bundled demo model, by name
+    assert make_model(args, {}).config.resize_height == 384  # the bundled demo model, by name
 
 
 def test_help_says_which_defaults_fine_tuning_uses(capsys):

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
         "eval",
         aliases=["evaluate"],
         help="evaluate a model on FSC-147, FSC-147-S, CARPK, ShanghaiTech or your own folder",
-        description="Count every image of a dataset split (each resized to the model's window height and "
+        description="Count every image of a dataset split (each resized to the model's image height and "
         "counted window by window) and report MAE, RMSE, NAE and SRE, overall and per class.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

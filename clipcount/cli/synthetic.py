@@ -53,6 +53,9 @@ def _add_recipe(sub) -> None:
     parser.add_argument("--reuse-clip", type=Path, default=None, metavar="RUN",
                         help="start from the finished CLIP stage of recipe run RUN (same preset) and train only "
                         "CLIP-Count: to compare seeds or settings on one CLIP in half the time")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="CLIP-Count's data and initialisation seed (default: the preset's, 0); the CLIP "
+                        "stages keep theirs; resume with the same value")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_recipe_command)
 
@@ -93,12 +96,15 @@ def _add_export(sub) -> None:
 
 def run_recipe_command(args: argparse.Namespace) -> int:
     from clipcount.errors import ConfigError
-    from clipcount.synthetic.recipe import STAGES, export_demo, run_recipe
+    from clipcount.synthetic.recipe import STAGES, export_demo, get_preset, run_recipe
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     if not stages or set(stages) - set(STAGES):
         raise ConfigError(f"--stages takes a comma-separated list of {STAGE_HELP}; got {args.stages!r}")
-    result = run_recipe(args.out, args.preset, device=args.device, resume=not args.fresh,
+    preset = get_preset(args.preset)
+    if args.seed is not None:
+        preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, seed=args.seed))
+    result = run_recipe(args.out, preset, device=args.device, resume=not args.fresh,
                         progress=not args.quiet, stages=stages, time_scale=args.time_scale,
                         reuse_clip=args.reuse_clip)
     for row, check in result.get("targets", {}).items():

@@ -1,6 +1,6 @@
 """Dataset evaluation: every image through the window protocol, scored overall and per class.
 
-Each sample's image goes through `DensityPredictor` (resized to the model's window height, cut
+Each sample's image goes through `DensityPredictor` (resized to the model's image height, cut
 into windows at `stride`, blended back), its count is the density's sum / density scale, and the
 ground truth is the number of annotated points (or the published count where there are no points,
 as in FSC-147-S). ShanghaiTech's portrait images are turned to landscape first, as published.

@@ -162,7 +162,8 @@ class CastWeights:
 
 
 class DensityPredictor:
-    """Counts images of any size with a `ClipCount` model, following the 384-high window protocol.
+    """Counts images of any size with a `ClipCount` model, following the window protocol (images resized
+    to the model's image height, 384 for the published model, and cut into its windows).
 
     `max_batch`: windows (and window-prompt pairs) per forward pass; at most CPU_MAX_BATCH on a CPU.
     `windowing`: "clipcount" or "published" (engine.windows); default: the model's config says

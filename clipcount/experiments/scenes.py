@@ -269,12 +269,13 @@ def _count_window(model: ClipCount, image: torch.Tensor, size: int, FlopCounterM
     return {"image": image_flops / 1e9, "density": density_flops / 1e9, "text": text_flops / 1e9}
 
 
-def windows_per_image(width: int, height: int, window: int, stride: int) -> int:
-    """How many windows the protocol cuts from an image (resized to the window's height)."""
+def windows_per_image(width: int, height: int, window: int, stride: int, image_height: int | None = None) -> int:
+    """How many windows the protocol cuts from an image (resized to `image_height`, default the window's)."""
     from clipcount.engine.windows import plan_windows
 
-    resized = max(1, round(width * window / height))
-    return plan_windows(window, resized, window, stride).num_windows
+    image_height = image_height or window
+    resized = max(1, round(width * image_height / height))
+    return plan_windows(image_height, resized, window, stride).num_windows
 
 
 def image_gflops(flops: dict[str, float], windows: float) -> float:

@@ -78,7 +78,10 @@ def export_demo(run_dir: str | os.PathLike, assets_dir: str | os.PathLike, dtype
         recipe = payload.get("recipe", {})
         reused = recipe.get("stages", {}).get("pretrain", {}).get("reused_from")
         command = f"clipcount synthetic recipe OUT --preset {recipe.get('preset')}"
-        data["recipe"] = {"command": command + (f" --reuse-clip {Path(reused).name}" if reused else ""),
+        command += f" --reuse-clip {Path(reused).name}" if reused else ""
+        seed = _train_seed(run_dir)
+        command += f" --seed {seed}" if seed else ""
+        data["recipe"] = {"command": command,
                           "wall_seconds": recipe.get("total_seconds"),
                           "stages": {k: v.get("seconds") for k, v in recipe.get("stages", {}).items()},
                           "machine": payload.get("machine"), "benchmark_seed": payload.get("seed"),
@@ -89,6 +92,16 @@ def export_demo(run_dir: str | os.PathLike, assets_dir: str | os.PathLike, dtype
         os.chmod(path, 0o644)  # package data: readable by everyone who installs it
     size = (target / "model.safetensors").stat().st_size
     return {"folder": str(target), "bytes": size, "example": str(assets_dir / "example.jpg"), "counts": counts}
+
+
+def _train_seed(run_dir: Path) -> int | None:
+    """The CLIP-Count seed a recipe run recorded (None when it recorded none)."""
+    from clipcount.synthetic.recipe import STATE_FILE
+
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("preset", {}).get("train", {}).get("seed")
 
 
 def model_size_mb(cfg: ClipCountConfig, bytes_per_value: int = 2) -> float:

@@ -291,16 +291,15 @@ def _stage_pretrain(preset: Preset, out_dir: Path, state: RecipeState, device: t
     if state.get("patch_probe_before") is None:  # what an untrained tower's patches already tell apart
         torch.manual_seed(preset.pretrain.seed)
         state.set("patch_probe_before", json_safe(patch_probe(CLIP(preset.clip), probe_n, probe_n // 2,
-                                                              crop=preset.model.window_size, device=device)))
+                                                              crop=preset.pretrain.crop_size, device=device)))
     fast_gpu_settings()
     cfg = dataclasses.replace(preset.pretrain, world={**preset.world, **preset.pretrain.world})
     length = f"{cfg.time_budget_s:.0f} s (at most {cfg.steps} steps)" if cfg.time_budget_s else f"{cfg.steps} steps"
     say(f"stage 1: CLIP pretraining, {length} of batch {cfg.batch_size}")
     result = pretrain_clip(preset.clip, cfg, out_dir / "clip", resume=True, device=device, progress=progress)
     accuracy = zero_shot_accuracy(load_clip(result.final, device), n=preset.zero_shot_n, device=device,
-                                  crop_size=preset.model.window_size)
-    probe = patch_probe(load_clip(result.final, device), probe_n, probe_n // 2, crop=preset.model.window_size,
-                        device=device)
+                                  crop_size=cfg.crop_size)  # at the scale the CLIP was trained at
+    probe = patch_probe(load_clip(result.final, device), probe_n, probe_n // 2, crop=cfg.crop_size, device=device)
     before = state.get("patch_probe_before")
     say(f"CLIP zero-shot class accuracy (36 classes, chance 0.03): seen {accuracy['seen']:.2f}, "
         f"held-out {accuracy['held_out']:.2f}; per-patch linear probe (chance 0.17): colour "

@@ -216,10 +216,14 @@ def test_presets_fit_the_bundle_and_validate():
     for field in ("prompts_per_image", "negative_share", "hard_negative_share", "background_share", "ema_decay"):
         assert getattr(full.train, field) == getattr(cpu.train, field), field
     assert full.model.text_similarity and cpu.model.text_similarity and cpu.train.ema_decay > 0
+    assert full.model.train_image_encoder and cpu.model.train_image_encoder
+    # the bundled recipe counts 256-pixel windows of images drawn (and resized to) 384 tall
+    assert cpu.model.window_size == 256 and cpu.model.resize_height == cpu.world_config().height == 384
     for name in ("cpu-patch", "cpu-stem"):
         earlier = get_preset(name)
         assert earlier.train.background_share == 0 and earlier.time_budget["main"] == 1800
         assert earlier.train.ema_decay == 0 and not earlier.model.text_similarity
+        assert not earlier.model.train_image_encoder and earlier.model.image_height is None
 
 
 def test_ablations_change_one_thing_each():
@@ -303,6 +307,17 @@ def test_cli_has_the_synthetic_commands():
     assert parser.parse_args(["synthetic", "make-dataset", "out", "--n", "2"]).n == 2
 
 
+def test_cli_recipe_seed_sets_the_clip_count_seed_only(tmp_path):
+    from clipcount.cli import main
+    from clipcount.synthetic.presets import get_preset
+
+    assert main(["synthetic", "recipe", str(tmp_path / "run"), "--preset", "toy", "--stages", "pretrain",
+                 "--seed", "3", "--quiet"]) == 0
+    saved = json.loads((tmp_path / "run" / "recipe.json").read_text())["preset"]
+    toy = get_preset("toy")
+    assert saved["train"]["seed"] == 3 and saved["pretrain"]["seed"] == toy.pretrain.seed
+
+
 def test_steps_per_epoch_fill_the_budget_at_each_stages_own_rate():
     """One contrastive epoch at 3 steps/s and five density epochs at 1 step/s: 100 steps per epoch
     take 100/3 + 500 seconds. Sizing all six at the density rate would leave the time one
@@ -337,7 +352,7 @@ def test_reuse_clip_starts_a_run_from_another_runs_clip(tmp_path):
     assert again["stages"]["main"] == stages["main"]  # resumed: nothing trained twice
     info = recipe.export_demo(out, tmp_path / "assets")
     saved = json.loads((tmp_path / "assets" / "demo" / "config.json").read_text())
-    assert saved["recipe"]["command"].endswith("--reuse-clip a") and info["bytes"] > 0
+    assert saved["recipe"]["command"].endswith("--reuse-clip a --seed 5") and info["bytes"] > 0
 
     other_clip = dataclasses.replace(preset, pretrain=dataclasses.replace(preset.pretrain, steps=preset.pretrain.steps + 1))
     with pytest.raises(ConfigError, match="other pretrain settings"):
