@@ -221,7 +221,7 @@ def count_image(
         _check_densities(densities, len(chunk), window)
         if canvas is None:
             canvas = _new_canvas(densities, plan)
-            weights = _blend_weights(plan, canvas)
+            weights = None if scheme == "published" else _blend_weights(plan, canvas)
         if scheme == "published":  # one row, folded left to right, so batch by batch is the same
             _fold_published(canvas, densities.to(canvas.dtype), [x for _, x in chunk], plan)
             continue

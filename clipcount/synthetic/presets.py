@@ -95,7 +95,7 @@ class Preset:
             raise ConfigError(f"unknown ablations {sorted(unknown)}; choose from {', '.join(ABLATIONS)}")
         # training crops are cut from scenes as drawn, test images are resized to the model's image
         # height: the two scales agree only when the scenes are drawn at that height
-        height = WorldConfig(**{**self.world, "mode": "train"}).height
+        height = self.world_config().height
         if height != self.model.resize_height:
             raise ConfigError(f"preset {self.name!r}: the world draws scenes {height} pixels tall but the model "
                               f"resizes images to {self.model.resize_height}; make them agree")
